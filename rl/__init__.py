@@ -1,0 +1,64 @@
+"""engineroom's client API, shaped like Tinker's: `import rl as tinker` works for its loops.
+
+    service_client = rl.ServiceClient()
+    training_client = service_client.create_lora_training_client(base_model, rank=32)
+    training_client.forward_backward(data, "cross_entropy").result()
+"""
+
+from rl import types
+from rl.errors import (
+    CheckpointError,
+    EngineRoomError,
+    InvalidRequestError,
+    NotFoundError,
+    WeightSyncError,
+)
+from rl.futures import APIFuture
+from rl.types import (
+    AdamParams,
+    Datum,
+    EncodedTextChunk,
+    ForwardBackwardOutput,
+    ModelInput,
+    SampleResponse,
+    SamplingParams,
+    TensorData,
+)
+
+# The clients import the trainer package, which imports rl.types and rl.losses: load them on
+# first use so that `import trainers` inside an actor does not import the client side.
+_LAZY = {
+    "ServiceClient": "rl.service_client",
+    "TrainingClient": "rl.training_client",
+    "SamplingClient": "rl.sampling_client",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rl' has no attribute {name!r}")
+
+
+__all__ = [
+    "APIFuture",
+    "AdamParams",
+    "CheckpointError",
+    "Datum",
+    "EncodedTextChunk",
+    "EngineRoomError",
+    "ForwardBackwardOutput",
+    "InvalidRequestError",
+    "ModelInput",
+    "NotFoundError",
+    "SampleResponse",
+    "SamplingClient",
+    "SamplingParams",
+    "ServiceClient",
+    "TensorData",
+    "TrainingClient",
+    "WeightSyncError",
+    "types",
+]

@@ -1,0 +1,286 @@
+"""The records that cross the client / engine boundary, named as in Tinker.
+
+Every record is a pydantic model, so it pickles (Ray) and serialises to JSON (a later HTTP
+server) without custom code. Tensors travel as `TensorData`: a flat list plus dtype and shape,
+int64 or float32 only, as on Tinker's public wire.
+
+Departures from Tinker: only text chunks exist in `ModelInput` (no image or audio chunks), and
+`SamplingParams.logprobs_mode` is ours (see samplers/).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    import torch
+
+DType = Literal["int64", "float32"]
+
+# For raw Python lists the dtype comes from the key, as in Tinker.
+INT_KEYS = frozenset({"target_tokens"})
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model input
+
+
+class EncodedTextChunk(_Record):
+    tokens: list[int]
+    type: Literal["encoded_text"] = "encoded_text"
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class ModelInput(_Record):
+    """A token sequence, as a list of chunks (text only here)."""
+
+    chunks: list[EncodedTextChunk] = Field(default_factory=list)
+
+    @classmethod
+    def from_ints(cls, tokens: Sequence[int]) -> ModelInput:
+        return cls(chunks=[EncodedTextChunk(tokens=[int(t) for t in tokens])])
+
+    @classmethod
+    def empty(cls) -> ModelInput:
+        return cls(chunks=[])
+
+    def to_ints(self) -> list[int]:
+        return [t for chunk in self.chunks for t in chunk.tokens]
+
+    @property
+    def length(self) -> int:
+        return sum(chunk.length for chunk in self.chunks)
+
+    def append(self, chunk: EncodedTextChunk) -> ModelInput:
+        return ModelInput(chunks=[*self.chunks, chunk])
+
+    def append_int(self, token: int) -> ModelInput:
+        return self.append(EncodedTextChunk(tokens=[int(token)]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+class TensorData(_Record):
+    """A dense tensor: flat row-major `data`, its `dtype` and `shape`."""
+
+    data: list[int] | list[float]
+    dtype: DType
+    shape: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> TensorData:
+        if self.shape is not None and math.prod(self.shape) != len(self.data):
+            raise ValueError(f"TensorData shape {self.shape} does not hold {len(self.data)} values")
+        return self
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> TensorData:
+        dtype: DType = "int64" if np.issubdtype(array.dtype, np.integer) else "float32"
+        if array.dtype == np.bool_:
+            dtype = "int64"
+        flat = array.astype(np.int64 if dtype == "int64" else np.float32).reshape(-1)
+        return cls(data=flat.tolist(), dtype=dtype, shape=list(array.shape))
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> TensorData:
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.float()  # bf16 / fp16 are widened, as in Tinker
+        return cls.from_numpy(tensor.numpy())
+
+    def to_numpy(self) -> np.ndarray:
+        dtype = np.int64 if self.dtype == "int64" else np.float32
+        array = np.asarray(self.data, dtype=dtype)
+        return array.reshape(self.shape) if self.shape is not None else array
+
+    def to_torch(self) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self.to_numpy())
+
+    def tolist(self) -> list[Any]:
+        return self.to_numpy().tolist()
+
+
+def to_tensor_data(value: Any, key: str = "") -> TensorData:
+    """Converts a list, numpy array, torch tensor or TensorData into TensorData."""
+    if isinstance(value, TensorData):
+        return value
+    if isinstance(value, dict):
+        return TensorData.model_validate(value)
+    if isinstance(value, np.ndarray):
+        return TensorData.from_numpy(value)
+    if type(value).__module__.startswith("torch"):
+        return TensorData.from_torch(value)
+    if isinstance(value, (list, tuple)):
+        dtype = np.int64 if key in INT_KEYS else np.float32
+        try:
+            array = np.asarray(value, dtype=dtype)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"loss_fn_inputs[{key!r}] is not a numeric array: {e}") from None
+        if key in INT_KEYS and not all(_is_integral(v) for v in np.asarray(value).reshape(-1)):
+            raise ValueError(f"loss_fn_inputs[{key!r}] must hold integers")
+        return TensorData.from_numpy(array)
+    raise TypeError(f"loss_fn_inputs[{key!r}]: cannot convert {type(value).__name__} to TensorData")
+
+
+def _is_integral(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and float(value).is_integer()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training records
+
+
+class Datum(_Record):
+    """One training example: the input tokens and the per-token inputs of the loss.
+
+    Position i of `model_input` predicts `loss_fn_inputs["target_tokens"][i]`; every entry of
+    `loss_fn_inputs` has length `model_input.length` (or shape `[N, K]` for top-K targets).
+    """
+
+    model_input: ModelInput
+    loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
+
+    @field_validator("loss_fn_inputs", mode="before")
+    @classmethod
+    def _convert_inputs(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {str(k): to_tensor_data(v, str(k)) for k, v in value.items()}
+
+
+class AdamParams(_Record):
+    """AdamW hyperparameters for one `optim_step` (decoupled weight decay, as torch.optim.AdamW)."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0  # 0 = no clipping; the norm is reported either way
+
+    @model_validator(mode="after")
+    def _check(self) -> AdamParams:
+        checks = {
+            "learning_rate": self.learning_rate >= 0,
+            "beta1": 0 <= self.beta1 < 1,
+            "beta2": 0 <= self.beta2 < 1,
+            "eps": self.eps >= 0,
+            "weight_decay": self.weight_decay >= 0,
+            "grad_clip_norm": self.grad_clip_norm >= 0,
+        }
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not ok or not math.isfinite(value):
+                raise ValueError(f"AdamParams.{name}={value} is out of range")
+        return self
+
+
+class ForwardBackwardOutput(_Record):
+    """Per-datum outputs (`logprobs` of the target tokens) and `name:reduction` metrics."""
+
+    loss_fn_output_type: str = "ArrayRecord"
+    loss_fn_outputs: list[dict[str, TensorData]]
+    metrics: dict[str, float]
+
+
+class OptimStepResponse(_Record):
+    metrics: dict[str, float] | None = None
+
+
+class LoraConfig(_Record):
+    rank: int = 32
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not (self.train_unembed or self.train_mlp or self.train_attn):
+            raise ValueError("at least one of train_mlp, train_attn, train_unembed must be True")
+        return self
+
+
+class ModelData(_Record):
+    arch: str
+    model_name: str
+    tokenizer_id: str
+    vocab_size: int
+    max_context_length: int
+
+
+class GetInfoResponse(_Record):
+    model_id: str
+    model_data: ModelData
+    is_lora: bool = True
+    lora_rank: int
+    model_name: str
+    lora_config: LoraConfig
+    type: Literal["get_info"] = "get_info"
+
+
+class SaveWeightsResponse(_Record):
+    path: str
+    type: Literal["save_weights"] = "save_weights"
+
+
+class SaveWeightsForSamplerResponse(_Record):
+    path: str
+    type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
+
+
+class LoadWeightsResponse(_Record):
+    path: str
+    type: Literal["load_weights"] = "load_weights"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling records
+
+
+class SamplingParams(_Record):
+    """How to sample. `stop`: strings or token ids; None keeps EOS stopping, [] disables it."""
+
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    # "model": logprobs of the model's own distribution (temperature not applied), as Tinker.
+    # "sampled": logprobs of the distribution actually sampled from (temperature applied).
+    logprobs_mode: Literal["model", "sampled"] = "model"
+
+
+class SampledSequence(_Record):
+    stop_reason: Literal["stop", "length"]
+    tokens: list[int]
+    logprobs: list[float] | None = None
+
+
+class SampleResponse(_Record):
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+    # Per prompt position: (token_id, logprob) pairs, best first; entry 0 is None.
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    type: Literal["sample"] = "sample"

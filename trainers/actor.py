@@ -1,0 +1,31 @@
+"""The trainer as a Ray actor: a thin shell around `LoraTrainer`.
+
+The actor runs one call at a time (max_concurrency=1), which makes every trainer method
+atomic; per-client ordering is kept by each client's own queue (rl.futures.OrderedQueue).
+Ray pins OMP_NUM_THREADS to the actor's CPU reservation; the trainer calls
+torch.set_num_threads itself (TrainerConfig.num_threads), so reserving 1 logical CPU does not
+starve it of cores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from trainers.config import TrainerConfig
+from trainers.engine import LoraTrainer
+
+
+def start_trainer_actor(base_model: str, config: TrainerConfig) -> Any:
+    """Starts a trainer actor for `base_model`; GPU-backed when the config asks for CUDA."""
+    wants_gpu = config.device == "cuda" or (
+        config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    )
+    actor_cls = ray.remote(LoraTrainer)
+    return actor_cls.options(  # type: ignore[attr-defined]
+        num_cpus=config.num_cpus,
+        num_gpus=1 if wants_gpu else 0,
+        max_concurrency=1,
+        max_restarts=0,
+    ).remote(base_model, config)

@@ -1,0 +1,124 @@
+"""Checkpoint layout on disk, written atomically.
+
+    <root>/<run>/weights/<name>/          save_state: adapter + optimizer
+    <root>/<run>/sampler_weights/<name>/  save_weights_for_sampler: adapter only
+
+Each holds `adapter_config.json` + `adapter_model.safetensors` (standard PEFT) and
+`engineroom.json` (base model, its fingerprint, LoRA config, step); `weights/` also holds
+`optimizer.pt`. A directory is written under a temporary name and renamed into place, so a
+process killed mid-save never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rl.errors import CheckpointError
+from rl.types import LoraConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OPTIMIZER = "optimizer.pt"
+METADATA = "engineroom.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointMeta:
+    base_model: str
+    fingerprint: str
+    lora_config: LoraConfig
+    step: int
+    has_optimizer: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "base_model": self.base_model,
+            "fingerprint": self.fingerprint,
+            "lora_config": self.lora_config.model_dump(),
+            "step": self.step,
+            "has_optimizer": self.has_optimizer,
+        }
+
+
+@dataclass
+class LoadedCheckpoint:
+    meta: CheckpointMeta
+    adapter_config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+
+
+def write_checkpoint(
+    path: Path,
+    meta: CheckpointMeta,
+    adapter_config: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    optimizer: dict[str, Any] | None,
+    *,
+    overwrite: bool,
+) -> Path:
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"checkpoint {str(path)!r} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / ADAPTER_WEIGHTS))
+        if optimizer is not None:
+            torch.save(optimizer, tmp / OPTIMIZER)
+        (tmp / METADATA).write_text(json.dumps(meta.to_json(), indent=2))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, with_optimizer: bool) -> LoadedCheckpoint:
+    """Reads and checks a checkpoint directory; raises CheckpointError naming what is wrong."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a directory")
+    meta_path = root / METADATA
+    for required in (meta_path, root / ADAPTER_CONFIG, root / ADAPTER_WEIGHTS):
+        if not required.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} has no {required.name}")
+    try:
+        raw = json.loads(meta_path.read_text())
+        meta = CheckpointMeta(
+            base_model=raw["base_model"],
+            fingerprint=raw["fingerprint"],
+            lora_config=LoraConfig.model_validate(raw["lora_config"]),
+            step=int(raw["step"]),
+            has_optimizer=bool(raw["has_optimizer"]),
+        )
+        adapter_config = json.loads((root / ADAPTER_CONFIG).read_text())
+        weights = load_file(str(root / ADAPTER_WEIGHTS))
+    except (KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {e}") from None
+    optimizer = None
+    if with_optimizer:
+        if not meta.has_optimizer or not (root / OPTIMIZER).is_file():
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds no optimizer state (a sampler checkpoint?); "
+                "load it without the optimizer"
+            )
+        optimizer = torch.load(root / OPTIMIZER, map_location="cpu", weights_only=True)
+    return LoadedCheckpoint(meta, adapter_config, weights, optimizer)

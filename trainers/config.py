@@ -1,0 +1,48 @@
+"""The trainer's slice of configuration: one flat record, every field documented."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs; "auto" picks CUDA when the actor sees a GPU, else the CPU."""
+
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Base-weight dtype. "auto": bfloat16 (adapters and optimizer state are always fp32)."""
+
+    num_threads: int = 0
+    """torch CPU threads in the trainer process; 0 = all cores of the machine."""
+
+    num_cpus: float = 1.0
+    """Logical CPUs the trainer actor reserves in Ray (threads are set by num_threads)."""
+
+    max_tokens_per_batch: int = 8192
+    """Upper bound on padded tokens in one model call; longer batches are split into buckets."""
+
+    call_overhead_tokens: int = 64
+    """Cost of one extra model call, in padded tokens, used when bucketing by length."""
+
+    lora_alpha: float = 32.0
+    """LoRA alpha; the adapter's scale is alpha / rank."""
+
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel."""
+
+    checkpoint_dir: str = ""
+    """Where save_state / save_weights_for_sampler write; "" = $ENGINEROOM_HOME/checkpoints."""
+
+    def resolved_checkpoint_dir(self) -> Path:
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir).expanduser()
+        from rl.models import cache_dir
+
+        return cache_dir() / "checkpoints"
+
+    def resolved_threads(self) -> int:
+        return self.num_threads or os.cpu_count() or 1

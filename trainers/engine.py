@@ -1,0 +1,431 @@
+"""The LoRA trainer: one base model (transformers) and many LoRA adapters (peft) over it.
+
+Each adapter is one training client, addressed by its model id, with its own AdamW state,
+step count and accumulated gradient. Only the active adapter takes part in a forward pass, so
+one client's calls never touch another's weights or gradients. This class is plain Python;
+`trainers.actor` hosts it in a Ray actor, whose one-call-at-a-time execution makes every
+method atomic.
+
+Guarantee for bad input: every check runs before the model is touched, and any failure after
+that (a non-finite loss or gradient) restores the gradients to what they were before the call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import resource
+import secrets
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM
+
+from rl.errors import CheckpointError, InvalidRequestError, NotFoundError
+from rl.losses import LOSSES
+from rl.models import model_fingerprint, resolve_model
+from rl.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    LoadWeightsResponse,
+    LoraConfig,
+    ModelData,
+    OptimStepResponse,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
+    TensorData,
+)
+from trainers import lora
+from trainers.batching import plan_buckets
+from trainers.checkpoints import CheckpointMeta, read_checkpoint, write_checkpoint
+from trainers.config import TrainerConfig
+from trainers.validation import PreparedBatch, check_checkpoint_name, prepare_batch
+
+
+@dataclass
+class Adapter:
+    name: str  # peft adapter name (model ids may hold characters peft dislikes)
+    lora_config: LoraConfig
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.AdamW
+    step: int = 0
+    pending_backwards: int = 0  # forward_backward calls since the last optim_step
+
+
+class LoraTrainer:
+    def __init__(self, base_model: str, config: TrainerConfig | None = None):
+        self.config = config or TrainerConfig()
+        torch.set_num_threads(self.config.resolved_threads())
+        self.base_model = base_model
+        self.model_path = resolve_model(base_model)
+        self.device = _pick_device(self.config.device)
+        dtype = torch.float32 if self.config.dtype == "float32" else torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=dtype, attn_implementation=self.config.attn_implementation
+        )
+        model.requires_grad_(False)
+        self._base = model.to(self.device)
+        self._peft: PeftModel | None = None
+        self._adapters: dict[str, Adapter] = {}
+        self._active: str | None = None
+        self._names = (f"adapter{i}" for i in itertools.count())
+        hf_config = model.config
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.max_context = int(getattr(hf_config, "max_position_embeddings", 0) or 2**31 - 1)
+        self.fingerprint = model_fingerprint(hf_config)
+        self._softcap = getattr(hf_config, "final_logit_softcapping", None)
+
+    # -- adapters -------------------------------------------------------------------------
+
+    def create_adapter(self, model_id: str, lora_config: LoraConfig) -> GetInfoResponse:
+        if model_id in self._adapters:
+            raise InvalidRequestError(f"model id {model_id!r} exists already")
+        seed = lora_config.seed if lora_config.seed is not None else secrets.randbits(31)
+        lora_config = lora_config.model_copy(update={"seed": seed})
+        name = next(self._names)
+        peft_config = lora.peft_config(self._base, lora_config, self.config.lora_alpha)
+        # LoRA A is drawn from the global torch RNG: seed it locally so the same seed gives
+        # the same adapter whatever ran before, and nothing else's randomness shifts.
+        # peft warns that an lm_head adapter on tied embeddings is not tied to the input
+        # embedding; that is intended: the unembed adapter changes the output projection only.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+            torch.manual_seed(seed)
+            if self._peft is None:
+                self._peft = get_peft_model(self._base, peft_config, adapter_name=name)
+            else:
+                self._peft.add_adapter(name, peft_config)
+        params = [p for n, p in self._peft.named_parameters() if f".{name}." in n]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12)
+        self._adapters[model_id] = Adapter(name, lora_config, params, optimizer)
+        self._active = None
+        return self.get_info(model_id)
+
+    def create_adapter_from_state(
+        self, model_id: str, path: str, with_optimizer: bool
+    ) -> GetInfoResponse:
+        checkpoint = read_checkpoint(path, with_optimizer=with_optimizer)
+        self._check_compatible(path, checkpoint.meta)
+        self.create_adapter(model_id, checkpoint.meta.lora_config)
+        try:
+            self.load_state(model_id, path, with_optimizer)
+        except BaseException:
+            self.release(model_id)
+            raise
+        return self.get_info(model_id)
+
+    def release(self, model_id: str) -> None:
+        adapter = self._adapter(model_id)
+        assert self._peft is not None
+        self._peft.delete_adapter(adapter.name)
+        del self._adapters[model_id]
+        self._active = None
+
+    def get_info(self, model_id: str) -> GetInfoResponse:
+        adapter = self._adapter(model_id)
+        return GetInfoResponse(
+            model_id=model_id,
+            model_data=ModelData(
+                arch=type(self._base).__name__,
+                model_name=self.base_model,
+                tokenizer_id=self.model_path,
+                vocab_size=self.vocab_size,
+                max_context_length=self.max_context,
+            ),
+            lora_rank=adapter.lora_config.rank,
+            model_name=self.base_model,
+            lora_config=adapter.lora_config,
+        )
+
+    def base_model_path(self) -> str:
+        return self.model_path
+
+    # -- training ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        """Logprobs of the target tokens and the loss's metrics; no gradient."""
+        self._adapter(model_id)
+        batch = self._prepare(data, loss_fn, loss_fn_config)
+        self._activate(model_id)
+        with torch.no_grad():
+            logprobs = self._target_logprobs(batch)
+            _, metrics = self._loss(batch, logprobs)
+        return _output(logprobs, metrics)
+
+    def forward_backward(
+        self,
+        model_id: str,
+        data: list[Datum],
+        loss_fn: str,
+        loss_fn_config: dict[str, float] | None = None,
+    ) -> ForwardBackwardOutput:
+        """Adds the gradient of the summed loss to the adapter's accumulated gradient."""
+        adapter = self._adapter(model_id)
+        batch = self._prepare(data, loss_fn, loss_fn_config)
+        self._activate(model_id)
+        saved = [None if p.grad is None else p.grad.clone() for p in adapter.params]
+        try:
+            with torch.enable_grad():
+                logprobs = self._target_logprobs(batch)
+                loss, metrics = self._loss(batch, logprobs)
+                if not torch.isfinite(loss):
+                    raise InvalidRequestError(
+                        f"the {loss_fn!r} loss is {loss.item()}; check the advantages and the "
+                        "sampler logprobs (a huge logprob gap overflows the ratio)"
+                    )
+                loss.backward()
+            if not all(p.grad is None or torch.isfinite(p.grad).all() for p in adapter.params):
+                raise InvalidRequestError(f"the {loss_fn!r} loss gave a non-finite gradient")
+        except BaseException:
+            for p, grad in zip(adapter.params, saved, strict=True):
+                p.grad = grad
+            raise
+        adapter.pending_backwards += 1
+        return _output([lp.detach() for lp in logprobs], metrics)
+
+    def optim_step(self, model_id: str, params: AdamParams) -> OptimStepResponse:
+        """One AdamW step on the accumulated gradient, then the gradient is cleared.
+
+        With no gradient accumulated since the last step this is an error, not a no-op: it
+        almost always means a forward_backward was lost or skipped.
+        """
+        adapter = self._adapter(model_id)
+        if adapter.pending_backwards == 0:
+            raise InvalidRequestError(
+                f"optim_step for {model_id!r}: no gradient accumulated since the last step "
+                "(call forward_backward first)"
+            )
+        grads = [p.grad for p in adapter.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if params.grad_clip_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(adapter.params, params.grad_clip_norm, grad_norm)
+        for group in adapter.optimizer.param_groups:
+            group.update(
+                lr=params.learning_rate,
+                betas=(params.beta1, params.beta2),
+                eps=params.eps,
+                weight_decay=params.weight_decay,
+            )
+        adapter.optimizer.step()
+        adapter.optimizer.zero_grad(set_to_none=True)
+        adapter.step += 1
+        adapter.pending_backwards = 0
+        return OptimStepResponse(
+            metrics={
+                "grad_norm:mean": float(grad_norm),
+                "learning_rate:mean": params.learning_rate,
+                "step:max": float(adapter.step),
+            }
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_state(self, model_id: str, name: str, overwrite: bool = False) -> SaveWeightsResponse:
+        """Adapter weights + optimizer state + step, to `<root>/<run>/weights/<name>`."""
+        path = self._checkpoint_path(model_id, "weights", name)
+        adapter = self._adapter(model_id)
+        write_checkpoint(
+            path,
+            self._meta(adapter, has_optimizer=True),
+            lora.adapter_config_dict(self._peft_model(), adapter.name, self.model_path),
+            lora.adapter_state_dict(self._peft_model(), adapter.name),
+            adapter.optimizer.state_dict(),
+            overwrite=overwrite,
+        )
+        return SaveWeightsResponse(path=str(path))
+
+    def save_weights_for_sampler(self, model_id: str, name: str) -> SaveWeightsForSamplerResponse:
+        """Adapter weights in standard PEFT format, to `<root>/<run>/sampler_weights/<name>`."""
+        path = self._checkpoint_path(model_id, "sampler_weights", name)
+        adapter = self._adapter(model_id)
+        write_checkpoint(
+            path,
+            self._meta(adapter, has_optimizer=False),
+            lora.adapter_config_dict(self._peft_model(), adapter.name, self.model_path),
+            lora.adapter_state_dict(self._peft_model(), adapter.name),
+            None,
+            overwrite=True,
+        )
+        return SaveWeightsForSamplerResponse(path=str(path))
+
+    def load_state(self, model_id: str, path: str, with_optimizer: bool) -> LoadWeightsResponse:
+        """Replaces the adapter's weights (and optimizer state and step, if asked) from `path`.
+
+        Everything is read and checked before anything is replaced.
+        """
+        adapter = self._adapter(model_id)
+        checkpoint = read_checkpoint(path, with_optimizer=with_optimizer)
+        self._check_compatible(path, checkpoint.meta)
+        if checkpoint.meta.lora_config.model_dump(exclude={"seed"}) != adapter.lora_config.model_dump(
+            exclude={"seed"}
+        ):
+            raise CheckpointError(
+                f"checkpoint {path!r} has LoRA config {checkpoint.meta.lora_config} but "
+                f"{model_id!r} has {adapter.lora_config}"
+            )
+        current = lora.adapter_state_dict(self._peft_model(), adapter.name)
+        shapes = {k: tuple(v.shape) for k, v in current.items()}
+        loaded = {k: tuple(v.shape) for k, v in checkpoint.weights.items()}
+        if shapes != loaded:
+            raise CheckpointError(f"checkpoint {path!r}: adapter tensors do not match this model")
+        optimizer = None
+        if checkpoint.optimizer is not None:
+            optimizer = torch.optim.AdamW(adapter.params, lr=0.0)
+            try:
+                optimizer.load_state_dict(checkpoint.optimizer)
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"checkpoint {path!r}: bad optimizer state: {e}") from None
+        set_peft_model_state_dict(self._peft_model(), checkpoint.weights, adapter_name=adapter.name)
+        if optimizer is not None:
+            adapter.optimizer = optimizer
+            adapter.step = checkpoint.meta.step
+        adapter.optimizer.zero_grad(set_to_none=True)
+        adapter.pending_backwards = 0
+        return LoadWeightsResponse(path=str(path))
+
+    # -- exports for the samplers ------------------------------------------------------------
+
+    def adapter_weights(self, model_id: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        adapter = self._adapter(model_id)
+        peft_model = self._peft_model()
+        return (
+            lora.adapter_config_dict(peft_model, adapter.name, self.model_path),
+            lora.adapter_state_dict(peft_model, adapter.name),
+        )
+
+    def merged_weights(self, model_id: str) -> dict[str, torch.Tensor]:
+        return lora.merged_state_dict(self._peft_model(), self._adapter(model_id).name)
+
+    def memory_stats(self) -> dict[str, float]:
+        """Peak resident memory of this process (MiB), for benchmarks."""
+        return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _adapter(self, model_id: str) -> Adapter:
+        adapter = self._adapters.get(model_id)
+        if adapter is None:
+            known = ", ".join(sorted(self._adapters)) or "none"
+            raise NotFoundError(f"unknown model id {model_id!r} (this trainer holds: {known})")
+        return adapter
+
+    def _peft_model(self) -> PeftModel:
+        assert self._peft is not None, "no adapter created yet"
+        return self._peft
+
+    def _activate(self, model_id: str) -> None:
+        if self._active != model_id:
+            adapter = self._adapters[model_id]
+            self._peft_model().set_adapter(adapter.name)
+            for p in adapter.params:  # set_adapter may reset requires_grad; we own it
+                p.requires_grad_(True)
+            self._active = model_id
+
+    def _prepare(
+        self, data: list[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None
+    ) -> PreparedBatch:
+        return prepare_batch(
+            data,
+            loss_fn,
+            loss_fn_config,
+            vocab_size=self.vocab_size,
+            max_context=self.max_context,
+        )
+
+    def _target_logprobs(self, batch: PreparedBatch) -> list[torch.Tensor]:
+        """Per datum, log p(target_tokens[t] | tokens[:t+1]): [N] or [N, K], fp32.
+
+        Datums are bucketed by length (few model calls, little padding); the vocabulary
+        projection runs only on real (unpadded) positions.
+        """
+        causal_lm = self._peft_model().get_base_model()
+        decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+        lengths = [d.length for d in batch.datums]
+        buckets = plan_buckets(
+            lengths, self.config.max_tokens_per_batch, self.config.call_overhead_tokens
+        )
+        out: list[torch.Tensor | None] = [None] * len(lengths)
+        for bucket in buckets:
+            width = max(lengths[i] for i in bucket)
+            ids = torch.zeros(len(bucket), width, dtype=torch.int64)
+            mask = torch.zeros(len(bucket), width, dtype=torch.int64)
+            for row, i in enumerate(bucket):
+                ids[row, : lengths[i]] = batch.datums[i].tokens
+                mask[row, : lengths[i]] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = lm_head(hidden[mask.bool()]).float()  # [tokens of the bucket, V]
+            if self._softcap:
+                logits = torch.tanh(logits / self._softcap) * self._softcap
+            log_norm = torch.logsumexp(logits, dim=-1)
+            rows = torch.split(logits, [lengths[i] for i in bucket])
+            norms = torch.split(log_norm, [lengths[i] for i in bucket])
+            for i, row_logits, row_norm in zip(bucket, rows, norms, strict=True):
+                targets = batch.datums[i].inputs["target_tokens"].to(self.device)
+                flat = targets.reshape(lengths[i], -1)
+                picked = row_logits.gather(-1, flat) - row_norm[:, None]
+                out[i] = picked.reshape(targets.shape)
+        return [t for t in out if t is not None]
+
+    def _loss(
+        self, batch: PreparedBatch, logprobs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        flat = torch.cat(logprobs)
+        inputs = {
+            key: torch.cat([d.inputs[key] for d in batch.datums]).to(self.device)
+            for key in batch.datums[0].inputs
+            if key != "target_tokens"
+        }
+        loss, metrics = LOSSES[batch.loss_fn].fn(flat, inputs, batch.loss_fn_config)
+        return loss, metrics
+
+    def _checkpoint_path(self, model_id: str, kind: str, name: str) -> Path:
+        check_checkpoint_name(name)
+        self._adapter(model_id)
+        run = model_id.replace(":", "_").replace("/", "_")
+        return self.config.resolved_checkpoint_dir() / run / kind / name
+
+    def _meta(self, adapter: Adapter, *, has_optimizer: bool) -> CheckpointMeta:
+        return CheckpointMeta(
+            base_model=self.base_model,
+            fingerprint=self.fingerprint,
+            lora_config=adapter.lora_config,
+            step=adapter.step,
+            has_optimizer=has_optimizer,
+        )
+
+    def _check_compatible(self, path: str, meta: CheckpointMeta) -> None:
+        if meta.fingerprint != self.fingerprint:
+            raise CheckpointError(
+                f"checkpoint {path!r} was made for base model {meta.base_model!r}, "
+                f"not for {self.base_model!r} (architectures differ)"
+            )
+
+
+def _output(logprobs: list[torch.Tensor], metrics: dict[str, float]) -> ForwardBackwardOutput:
+    return ForwardBackwardOutput(
+        loss_fn_outputs=[{"logprobs": TensorData.from_torch(lp)} for lp in logprobs],
+        metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
+    )
+
+
+def _pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("trainer device 'cuda' asked for, but no GPU is visible")
+    return torch.device(setting)
