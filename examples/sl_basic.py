@@ -62,7 +62,9 @@ def main(config: Config, service: rl.ServiceClient | None = None) -> list[float]
     """Runs the fine-tune; returns the mean per-token loss of each step."""
     own_service = service is None
     service = service or rl.ServiceClient(trainer_config=TrainerConfig(dtype=config.dtype))  # type: ignore[arg-type]
-    client = service.create_lora_training_client(config.base_model, rank=config.rank, seed=config.seed)
+    client = service.create_lora_training_client(
+        config.base_model, rank=config.rank, seed=config.seed
+    )
     renderer = ChatRenderer(client.get_tokenizer())
     datums = load_datums(config, renderer)
     rng = random.Random(config.seed)

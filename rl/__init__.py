@@ -1,8 +1,8 @@
 """engineroom's client API, shaped like Tinker's: `import rl as tinker` works for its loops.
 
-    service_client = rl.ServiceClient()
-    training_client = service_client.create_lora_training_client(base_model, rank=32)
-    training_client.forward_backward(data, "cross_entropy").result()
+service_client = rl.ServiceClient()
+training_client = service_client.create_lora_training_client(base_model, rank=32)
+training_client.forward_backward(data, "cross_entropy").result()
 """
 
 from rl import types

@@ -53,7 +53,7 @@ class APIFuture(Generic[T]):
         wrapped = asyncio.wrap_future(self._future)
         try:
             return await asyncio.wait_for(wrapped, timeout) if timeout else await wrapped
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             raise
         except BaseException as e:
             raise unwrap_ray_error(e) from None

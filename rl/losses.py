@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 Tensor = torch.Tensor
-LossFn = Callable[[Tensor, Mapping[str, Tensor], Mapping[str, float]], tuple[Tensor, dict[str, float]]]
+LossFn = Callable[
+    [Tensor, Mapping[str, Tensor], Mapping[str, float]], tuple[Tensor, dict[str, float]]
+]
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def dro(
 
 
 def _mask(inputs: Mapping[str, Tensor]) -> Tensor | float:
-    return inputs["weights"] if "weights" in inputs else 1.0
+    return inputs.get("weights", 1.0)
 
 
 def _masked_mean(values: Tensor, inputs: Mapping[str, Tensor]) -> float:

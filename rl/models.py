@@ -71,9 +71,11 @@ def _convert_builtin(name: str) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf_file, dtype=torch.float32
+        )
         # save_pretrained refuses a GGUF-quantized model; the weights are dequantized already.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         with contextlib.suppress(AttributeError):
             del model.config.quantization_config
         model.config.name_or_path = name

@@ -137,12 +137,16 @@ class ServiceClient:
         # The format Tinker clients derive themselves: "<session>:train:<seq>".
         return f"{self.session_id}:train:{next(self._model_seq)}"
 
-    def _from_state(self, path: str, base_model: str | None, with_optimizer: bool) -> TrainingClient:
+    def _from_state(
+        self, path: str, base_model: str | None, with_optimizer: bool
+    ) -> TrainingClient:
         meta = read_checkpoint(path, with_optimizer=False).meta
         actor = self._trainer_for(base_model or meta.base_model)
         model_id = self._next_model_id()
         info = ray_get(actor.create_adapter_from_state.remote(model_id, str(path), with_optimizer))
-        return self._register(TrainingClient(self, actor, model_id, base_model or meta.base_model, info))
+        return self._register(
+            TrainingClient(self, actor, model_id, base_model or meta.base_model, info)
+        )
 
     def _register(self, client: TrainingClient) -> TrainingClient:
         self._training_clients.append(client)
@@ -164,7 +168,6 @@ def _connect_ray(
     kwargs.setdefault("log_to_driver", True)
     ray.init(address="local", num_cpus=num_cpus, namespace=namespace, **kwargs)
     return True
-
 
 
 async def _in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -218,4 +218,3 @@ def _as_data(data: Sequence[Datum]) -> list[Datum]:
         else:
             raise InvalidRequestError(f"datum {i}: expected a Datum, got {type(datum).__name__}")
     return out
-

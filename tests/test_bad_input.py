@@ -40,19 +40,29 @@ def rl_datum(n: int = 5, **overrides) -> types.Datum:
 
 BAD_CALLS = {
     "length mismatch": (
-        lambda c: c.forward_backward([good_batch()[0], datum([1, 2, 3], target_tokens=[2, 3], weights=[1.0, 1.0])], "cross_entropy"),
+        lambda c: c.forward_backward(
+            [good_batch()[0], datum([1, 2, 3], target_tokens=[2, 3], weights=[1.0, 1.0])],
+            "cross_entropy",
+        ),
         r"datum 1: loss_fn_inputs\['target_tokens'\] has shape \[2\] but model_input has 3 tokens",
     ),
     "token outside vocab": (
-        lambda c: c.forward_backward([datum([1, 10**6], target_tokens=[2, 3], weights=[1.0, 1.0])], "cross_entropy"),
+        lambda c: c.forward_backward(
+            [datum([1, 10**6], target_tokens=[2, 3], weights=[1.0, 1.0])], "cross_entropy"
+        ),
         r"datum 0: model_input: token id 1000000 .* outside the vocabulary",
     ),
     "target outside vocab": (
-        lambda c: c.forward_backward([good_batch()[0], datum([1, 2], target_tokens=[2, -1], weights=[1.0, 1.0])], "cross_entropy"),
+        lambda c: c.forward_backward(
+            [good_batch()[0], datum([1, 2], target_tokens=[2, -1], weights=[1.0, 1.0])],
+            "cross_entropy",
+        ),
         r"datum 1: loss_fn_inputs\['target_tokens'\]: token id -1",
     ),
     "missing key": (
-        lambda c: c.forward_backward([rl_datum(), datum([1, 2], target_tokens=[2, 3], logprobs=[0.0, 0.0])], "ppo"),
+        lambda c: c.forward_backward(
+            [rl_datum(), datum([1, 2], target_tokens=[2, 3], logprobs=[0.0, 0.0])], "ppo"
+        ),
         r"datum 1: loss_fn_inputs is missing \['advantages'\] required by 'ppo'",
     ),
     "unknown loss": (
@@ -60,11 +70,16 @@ BAD_CALLS = {
         r"unknown loss 'reinforce_plus_plus'",
     ),
     "nan weights": (
-        lambda c: c.forward_backward([datum([1, 2], target_tokens=[2, 3], weights=[1.0, float("nan")])], "cross_entropy"),
+        lambda c: c.forward_backward(
+            [datum([1, 2], target_tokens=[2, 3], weights=[1.0, float("nan")])], "cross_entropy"
+        ),
         r"datum 0: loss_fn_inputs\['weights'\] holds a non-finite value \(nan\)",
     ),
     "inf advantages": (
-        lambda c: c.forward_backward([rl_datum(), rl_datum(advantages=[0.0, float("inf"), 0.0, 0.0, 0.0])], "importance_sampling"),
+        lambda c: c.forward_backward(
+            [rl_datum(), rl_datum(advantages=[0.0, float("inf"), 0.0, 0.0, 0.0])],
+            "importance_sampling",
+        ),
         r"datum 1: loss_fn_inputs\['advantages'\] holds a non-finite value \(inf\) at flat index 1",
     ),
     "empty batch": (
@@ -72,7 +87,9 @@ BAD_CALLS = {
         r"empty batch",
     ),
     "longer than context": (
-        lambda c: c.forward_backward([datum([5] * 1500, target_tokens=[5] * 1500, weights=[1.0] * 1500)], "cross_entropy"),
+        lambda c: c.forward_backward(
+            [datum([5] * 1500, target_tokens=[5] * 1500, weights=[1.0] * 1500)], "cross_entropy"
+        ),
         r"datum 0: model_input has 1500 tokens, more than the model's context of 1024",
     ),
     "unknown loss config": (

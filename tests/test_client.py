@@ -35,7 +35,9 @@ def batch(seed: int, lengths=(4, 9, 6)) -> list[types.Datum]:
 
 def only(data, *keys) -> list[types.Datum]:
     return [
-        types.Datum(model_input=d.model_input, loss_fn_inputs={k: d.loss_fn_inputs[k] for k in keys})
+        types.Datum(
+            model_input=d.model_input, loss_fn_inputs={k: d.loss_fn_inputs[k] for k in keys}
+        )
         for d in data
     ]
 
@@ -54,7 +56,9 @@ def test_tinker_user_example_runs_verbatim(service, tiny_model):
             model_input=types.ModelInput.from_ints(tokens=input_tokens),
             loss_fn_inputs={"weights": weights, "target_tokens": target_tokens},
         )
-        fwdbwd_future = await training_client.forward_backward_async(data=[datum], loss_fn="cross_entropy")
+        fwdbwd_future = await training_client.forward_backward_async(
+            data=[datum], loss_fn="cross_entropy"
+        )
         fwdbwd_result = await fwdbwd_future.result_async()
         optim_future = await training_client.optim_step_async(types.AdamParams(learning_rate=1e-4))
         return fwdbwd_result, await optim_future
@@ -73,11 +77,17 @@ def test_calls_run_in_submission_order(service, tiny_model):
     waited = service.create_lora_training_client(tiny_model, rank=4, seed=1)
     futures = []
     for step in range(3):
-        futures.append(pipelined.forward_backward(only(batch(step), "target_tokens", "weights"), "cross_entropy"))
+        futures.append(
+            pipelined.forward_backward(
+                only(batch(step), "target_tokens", "weights"), "cross_entropy"
+            )
+        )
         futures.append(pipelined.optim_step(LR))
     probe_future = pipelined.forward(only(batch(50), "target_tokens", "weights"))
     for step in range(3):
-        waited.forward_backward(only(batch(step), "target_tokens", "weights"), "cross_entropy").result()
+        waited.forward_backward(
+            only(batch(step), "target_tokens", "weights"), "cross_entropy"
+        ).result()
         waited.optim_step(LR).result()
     assert [f.result().metrics["step:max"] for f in futures[1::2]] == [1.0, 2.0, 3.0]
     expected = waited.forward(only(batch(50), "target_tokens", "weights")).result()

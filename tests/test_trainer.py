@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +35,9 @@ def batch(seed: int = 0, lengths=(5, 17, 30, 8), loss: str = "cross_entropy") ->
 @pytest.fixture(scope="module")
 def trainer(tiny_model, tmp_path_factory) -> LoraTrainer:
     config = TrainerConfig(
-        dtype="float32", checkpoint_dir=str(tmp_path_factory.mktemp("ckpt")), max_tokens_per_batch=64
+        dtype="float32",
+        checkpoint_dir=str(tmp_path_factory.mktemp("ckpt")),
+        max_tokens_per_batch=64,
     )
     return LoraTrainer(tiny_model, config)
 
@@ -138,7 +141,9 @@ def test_grad_norm_reported_without_clipping_and_clipping_applies(trainer):
     for model_id in (a, b):
         trainer.forward_backward(model_id, batch(1), "cross_entropy")
     free = trainer.optim_step(a, types.AdamParams(learning_rate=1e-2)).metrics
-    clipped = trainer.optim_step(b, types.AdamParams(learning_rate=1e-2, grad_clip_norm=1e-3)).metrics
+    clipped = trainer.optim_step(
+        b, types.AdamParams(learning_rate=1e-2, grad_clip_norm=1e-3)
+    ).metrics
     assert free["grad_norm:mean"] > 1e-3
     assert clipped["grad_norm:mean"] == pytest.approx(free["grad_norm:mean"], rel=1e-5)
 
@@ -165,12 +170,16 @@ def test_save_load_state_gives_identical_logprobs_and_next_step(trainer):
     restored = f"t:{next(_ids)}"
     trainer.create_adapter_from_state(restored, path, with_optimizer=True)
     probe = batch(40)
-    for x, y in zip(logprobs(trainer, model_id, probe), logprobs(trainer, restored, probe), strict=True):
+    for x, y in zip(
+        logprobs(trainer, model_id, probe), logprobs(trainer, restored, probe), strict=True
+    ):
         assert torch.equal(x, y)
     for m in (model_id, restored):
         trainer.forward_backward(m, batch(41), "cross_entropy")
         trainer.optim_step(m, LR)
-    for x, y in zip(logprobs(trainer, model_id, probe), logprobs(trainer, restored, probe), strict=True):
+    for x, y in zip(
+        logprobs(trainer, model_id, probe), logprobs(trainer, restored, probe), strict=True
+    ):
         assert torch.equal(x, y)
     assert trainer.get_info(restored).lora_config == trainer.get_info(model_id).lora_config
 
@@ -186,7 +195,9 @@ def test_weights_only_load_resets_the_optimizer(trainer):
     for m in (model_id, fresh):
         trainer.forward_backward(m, batch(41), "cross_entropy")
         trainer.optim_step(m, LR)
-    assert not torch.equal(logprobs(trainer, model_id, probe)[0], logprobs(trainer, fresh, probe)[0])
+    assert not torch.equal(
+        logprobs(trainer, model_id, probe)[0], logprobs(trainer, fresh, probe)[0]
+    )
 
 
 def test_sampler_weights_are_standard_peft(trainer, tiny_model, tmp_path):
@@ -198,7 +209,7 @@ def test_sampler_weights_are_standard_peft(trainer, tiny_model, tmp_path):
     model_id = new_adapter(trainer, seed=6, train_unembed=False)
     train_steps(trainer, model_id, 1)
     path = trainer.save_weights_for_sampler(model_id, "sampler-1").path
-    config = json.load(open(f"{path}/adapter_config.json"))
+    config = json.loads(Path(path, "adapter_config.json").read_text())
     assert config["r"] == 4 and config["peft_type"] == "LORA"
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, path)
@@ -228,7 +239,9 @@ def test_merged_weights_reproduce_the_adapter(trainer, tiny_model):
 
 
 def test_checkpoint_for_another_base_model_is_rejected(trainer, other_tiny_model, tmp_path):
-    other = LoraTrainer(other_tiny_model, TrainerConfig(dtype="float32", checkpoint_dir=str(tmp_path)))
+    other = LoraTrainer(
+        other_tiny_model, TrainerConfig(dtype="float32", checkpoint_dir=str(tmp_path))
+    )
     other.create_adapter("o", types.LoraConfig(rank=4, seed=0))
     path = other.save_state("o", "x").path
     model_id = new_adapter(trainer, seed=0)

@@ -17,6 +17,7 @@ import math
 import resource
 import secrets
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ class LoraTrainer:
             self.model_path, dtype=dtype, attn_implementation=self.config.attn_implementation
         )
         model.requires_grad_(False)
-        self._base = model.to(self.device)
+        self._base = model.to(self.device)  # type: ignore[arg-type]
         self._peft: PeftModel | None = None
         self._adapters: dict[str, Adapter] = {}
         self._active: str | None = None
@@ -163,7 +164,7 @@ class LoraTrainer:
         self._activate(model_id)
         with torch.no_grad():
             logprobs = self._target_logprobs(batch)
-            _, metrics = self._loss(batch, logprobs)
+            _, metrics = self._loss(batch, range(len(logprobs)), logprobs)
         return _output(logprobs, metrics)
 
     def forward_backward(
@@ -178,16 +179,21 @@ class LoraTrainer:
         batch = self._prepare(data, loss_fn, loss_fn_config)
         self._activate(model_id)
         saved = [None if p.grad is None else p.grad.clone() for p in adapter.params]
+        logprobs: list[torch.Tensor] = [torch.empty(0)] * len(batch.datums)
         try:
+            # Built-in losses are sums over tokens, so each bucket's share is backpropagated
+            # as soon as it is computed: peak memory is one bucket's activations, not the batch's.
             with torch.enable_grad():
-                logprobs = self._target_logprobs(batch)
-                loss, metrics = self._loss(batch, logprobs)
-                if not torch.isfinite(loss):
-                    raise InvalidRequestError(
-                        f"the {loss_fn!r} loss is {loss.item()}; check the advantages and the "
-                        "sampler logprobs (a huge logprob gap overflows the ratio)"
-                    )
-                loss.backward()
+                for bucket, bucket_logprobs in self._bucket_logprobs(batch):
+                    loss, _ = self._loss(batch, bucket, bucket_logprobs)
+                    if not torch.isfinite(loss):
+                        raise InvalidRequestError(
+                            f"the {loss_fn!r} loss is {loss.item()}; check the advantages and "
+                            "the sampler logprobs (a huge logprob gap overflows the ratio)"
+                        )
+                    loss.backward()
+                    for i, lp in zip(bucket, bucket_logprobs, strict=True):
+                        logprobs[i] = lp.detach()
             if not all(p.grad is None or torch.isfinite(p.grad).all() for p in adapter.params):
                 raise InvalidRequestError(f"the {loss_fn!r} loss gave a non-finite gradient")
         except BaseException:
@@ -195,7 +201,9 @@ class LoraTrainer:
                 p.grad = grad
             raise
         adapter.pending_backwards += 1
-        return _output([lp.detach() for lp in logprobs], metrics)
+        with torch.no_grad():  # metrics over the whole batch (means do not add up per bucket)
+            _, metrics = self._loss(batch, range(len(logprobs)), logprobs)
+        return _output(logprobs, metrics)
 
     def optim_step(self, model_id: str, params: AdamParams) -> OptimStepResponse:
         """One AdamW step on the accumulated gradient, then the gradient is cleared.
@@ -270,9 +278,9 @@ class LoraTrainer:
         adapter = self._adapter(model_id)
         checkpoint = read_checkpoint(path, with_optimizer=with_optimizer)
         self._check_compatible(path, checkpoint.meta)
-        if checkpoint.meta.lora_config.model_dump(exclude={"seed"}) != adapter.lora_config.model_dump(
+        if checkpoint.meta.lora_config.model_dump(
             exclude={"seed"}
-        ):
+        ) != adapter.lora_config.model_dump(exclude={"seed"}):
             raise CheckpointError(
                 f"checkpoint {path!r} has LoRA config {checkpoint.meta.lora_config} but "
                 f"{model_id!r} has {adapter.lora_config}"
@@ -347,18 +355,27 @@ class LoraTrainer:
         )
 
     def _target_logprobs(self, batch: PreparedBatch) -> list[torch.Tensor]:
-        """Per datum, log p(target_tokens[t] | tokens[:t+1]): [N] or [N, K], fp32.
+        """Per datum, log p(target_tokens[t] | tokens[:t+1]): [N] or [N, K], fp32."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(batch.datums)
+        for bucket, bucket_logprobs in self._bucket_logprobs(batch):
+            for i, lp in zip(bucket, bucket_logprobs, strict=True):
+                out[i] = lp
+        return out
+
+    def _bucket_logprobs(
+        self, batch: PreparedBatch
+    ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+        """Yields (datum indices, their target logprobs), one model call per bucket.
 
         Datums are bucketed by length (few model calls, little padding); the vocabulary
         projection runs only on real (unpadded) positions.
         """
-        causal_lm = self._peft_model().get_base_model()
+        causal_lm: Any = self._peft_model().get_base_model()
         decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
         lengths = [d.length for d in batch.datums]
         buckets = plan_buckets(
             lengths, self.config.max_tokens_per_batch, self.config.call_overhead_tokens
         )
-        out: list[torch.Tensor | None] = [None] * len(lengths)
         for bucket in buckets:
             width = max(lengths[i] for i in bucket)
             ids = torch.zeros(len(bucket), width, dtype=torch.int64)
@@ -374,20 +391,24 @@ class LoraTrainer:
             log_norm = torch.logsumexp(logits, dim=-1)
             rows = torch.split(logits, [lengths[i] for i in bucket])
             norms = torch.split(log_norm, [lengths[i] for i in bucket])
+            picked = []
             for i, row_logits, row_norm in zip(bucket, rows, norms, strict=True):
                 targets = batch.datums[i].inputs["target_tokens"].to(self.device)
                 flat = targets.reshape(lengths[i], -1)
-                picked = row_logits.gather(-1, flat) - row_norm[:, None]
-                out[i] = picked.reshape(targets.shape)
-        return [t for t in out if t is not None]
+                picked.append(
+                    (row_logits.gather(-1, flat) - row_norm[:, None]).reshape(targets.shape)
+                )
+            yield bucket, picked
 
     def _loss(
-        self, batch: PreparedBatch, logprobs: list[torch.Tensor]
+        self, batch: PreparedBatch, indices: Iterable[int], logprobs: list[torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss over the datums `indices` (in that order), whose logprobs are given."""
+        datums = [batch.datums[i] for i in indices]
         flat = torch.cat(logprobs)
         inputs = {
-            key: torch.cat([d.inputs[key] for d in batch.datums]).to(self.device)
-            for key in batch.datums[0].inputs
+            key: torch.cat([d.inputs[key] for d in datums]).to(self.device)
+            for key in datums[0].inputs
             if key != "target_tokens"
         }
         loss, metrics = LOSSES[batch.loss_fn].fn(flat, inputs, batch.loss_fn_config)

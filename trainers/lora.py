@@ -47,7 +47,7 @@ def target_modules(model: torch.nn.Module, config: LoraConfig) -> list[str]:
 def peft_config(model: torch.nn.Module, config: LoraConfig, alpha: float) -> PeftLoraConfig:
     return PeftLoraConfig(
         r=config.rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
         lora_dropout=0.0,
         target_modules=target_modules(model, config),
         bias="none",

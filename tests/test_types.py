@@ -1,0 +1,122 @@
+"""The API records: conversions, validation, and clean serialisation (JSON and pickle)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from rl import types
+
+
+def test_model_input_roundtrip_and_chunks():
+    mi = (
+        types.ModelInput.from_ints([5, 6, 7])
+        .append(types.EncodedTextChunk(tokens=[8]))
+        .append_int(9)
+    )
+    assert mi.to_ints() == [5, 6, 7, 8, 9]
+    assert mi.length == 5 and len(mi.chunks) == 3
+    assert types.ModelInput.empty().length == 0
+
+
+def test_tensor_data_conversions_keep_dtype_and_shape():
+    ints = types.TensorData.from_numpy(np.arange(6, dtype=np.int32).reshape(2, 3))
+    assert ints.dtype == "int64" and ints.shape == [2, 3]
+    assert ints.to_torch().dtype == torch.int64 and ints.to_torch().shape == (2, 3)
+    floats = types.TensorData.from_torch(torch.tensor([0.5, 1.5], dtype=torch.bfloat16))
+    assert floats.dtype == "float32" and floats.to_numpy().dtype == np.float32
+    assert floats.tolist() == [0.5, 1.5]
+    with pytest.raises(ValueError, match="does not hold"):
+        types.TensorData(data=[1, 2, 3], dtype="int64", shape=[2, 2])
+
+
+def test_datum_accepts_lists_arrays_and_tensors():
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={
+            "target_tokens": [2, 3, 4],
+            "weights": np.array([1.0, 0.0, 1.0]),
+            "advantages": torch.tensor([0.5, 0.5, 0.5]),
+        },
+    )
+    assert datum.loss_fn_inputs["target_tokens"].dtype == "int64"
+    assert datum.loss_fn_inputs["weights"].dtype == "float32"
+    assert datum.loss_fn_inputs["advantages"].to_numpy().tolist() == [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="target_tokens"):
+        types.Datum(
+            model_input=types.ModelInput.from_ints([1]), loss_fn_inputs={"target_tokens": [1.5]}
+        )
+
+
+def test_records_serialise_to_json_and_pickle():
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2]),
+        loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 0.5]},
+    )
+    records = [
+        datum,
+        types.AdamParams(learning_rate=3e-4, grad_clip_norm=1.0),
+        types.ForwardBackwardOutput(
+            loss_fn_outputs=[{"logprobs": types.TensorData.from_numpy(np.array([-1.0, -2.0]))}],
+            metrics={"loss:sum": 3.0},
+        ),
+        types.SamplingParams(max_tokens=8, stop=["\n"], seed=3),
+        types.SampleResponse(
+            sequences=[types.SampledSequence(stop_reason="stop", tokens=[1], logprobs=[-0.1])],
+            prompt_logprobs=[None, -1.0],
+        ),
+        types.LoraConfig(rank=8, train_unembed=False),
+    ]
+    for record in records:
+        assert type(record).model_validate_json(record.model_dump_json()) == record
+        assert pickle.loads(pickle.dumps(record)) == record
+
+
+def test_invalid_records_are_rejected():
+    with pytest.raises(ValueError, match="learning_rate"):
+        types.AdamParams(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="beta2"):
+        types.AdamParams(beta2=1.0)
+    with pytest.raises(ValueError, match="at least one"):
+        types.LoraConfig(train_mlp=False, train_attn=False, train_unembed=False)
+    with pytest.raises(ValueError, match="rank"):
+        types.LoraConfig(rank=0)
+
+
+def test_public_api_signatures_are_pinned():
+    """The Tinker-shaped surface users code against; changing it breaks their loops."""
+    import inspect
+
+    import rl
+
+    def params(fn):
+        return list(inspect.signature(fn).parameters)
+
+    assert params(rl.ServiceClient.create_lora_training_client) == [
+        "self", "base_model", "rank", "seed", "train_mlp", "train_attn", "train_unembed",
+        "user_metadata",
+    ]  # fmt: skip
+    assert params(rl.TrainingClient.forward_backward) == [
+        "self",
+        "data",
+        "loss_fn",
+        "loss_fn_config",
+    ]
+    assert params(rl.TrainingClient.forward) == ["self", "data", "loss_fn", "loss_fn_config"]
+    assert params(rl.TrainingClient.forward_backward_custom) == ["self", "data", "loss_fn"]
+    assert params(rl.TrainingClient.optim_step) == ["self", "adam_params"]
+    assert params(rl.TrainingClient.save_state) == ["self", "name", "overwrite"]
+    assert params(rl.ServiceClient.create_training_client_from_state) == [
+        "self",
+        "path",
+        "base_model",
+    ]
+    assert list(types.AdamParams.model_fields) == [
+        "learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm",
+    ]  # fmt: skip
+    assert types.AdamParams() == types.AdamParams(
+        learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-12, weight_decay=0.0, grad_clip_norm=0.0
+    )
+    for name in ("forward_async", "forward_backward_async", "optim_step_async", "save_state_async"):
+        assert inspect.iscoroutinefunction(getattr(rl.TrainingClient, name))
