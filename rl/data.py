@@ -1,0 +1,215 @@
+"""Rollouts -> training datums: group-relative advantages and the token layout of RL datums.
+
+Layout of one datum (as tinker-cookbook's `trajectory_to_data`): the full token sequence is
+observation, action, [next observation's new tokens, action, ...]; `model_input` is full[:-1]
+and position i predicts `target_tokens[i]` = full[i + 1]. Per target token:
+
+    sampled (action) token:      weights 1, logprobs = sampler logprob, advantages = A
+    observation / prompt token:  weights 0, logprobs 0,                 advantages 0
+
+A multi-turn trajectory stays one datum while each observation extends the previous
+observation + action token for token; where it does not (the env rewrote the context), a new
+datum starts. A = total reward (step rewards + group reward) minus the group mean, optionally
+divided by the group's standard deviation (Dr. GRPO argues against; tinker-cookbook omits it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from envs.base import EnvError, Trajectory, TrajectoryGroup
+from rl.errors import InvalidRequestError
+from rl.types import Datum, ModelInput, TensorData, to_tensor_data
+
+
+def check_observation_fits(tokens: Sequence[int], max_context: int, max_tokens: int = 0) -> None:
+    """Raises if an observation plus `max_tokens` sampled tokens exceeds `max_context`."""
+    if len(tokens) + max_tokens > max_context:
+        raise InvalidRequestError(
+            f"observation of {len(tokens)} tokens + max_tokens={max_tokens} exceeds the "
+            f"model's context of {max_context} tokens"
+        )
+
+
+def total_rewards(group: TrajectoryGroup, where: str = "group") -> list[float]:
+    """Step rewards + group reward per trajectory; a non-finite total is an error."""
+    try:
+        return group.total_rewards()
+    except EnvError as e:
+        raise InvalidRequestError(f"{where}: {e}") from None
+
+
+def compute_advantages(
+    groups: Sequence[TrajectoryGroup], normalize_std: bool = False, eps: float = 1e-6
+) -> list[list[float]]:
+    """Per group, per trajectory: total reward minus the group mean (/ (std + eps) if asked).
+
+    A constant group gets all-zero advantages either way.
+    """
+    advantages_P_G: list[list[float]] = []
+    for g, group in enumerate(groups):
+        rewards = total_rewards(group, f"group {g}")
+        if not rewards:
+            advantages_P_G.append([])
+            continue
+        mean = sum(rewards) / len(rewards)
+        centred = [r - mean for r in rewards]
+        if normalize_std:
+            std = math.sqrt(sum(c * c for c in centred) / len(centred))
+            centred = [c / (std + eps) for c in centred]
+        advantages_P_G.append(centred)
+    return advantages_P_G
+
+
+def remove_constant_reward_groups(groups: Sequence[TrajectoryGroup]) -> list[TrajectoryGroup]:
+    """Drops groups whose trajectories all have the same total reward (no learning signal)."""
+    kept = []
+    for g, group in enumerate(groups):
+        rewards = total_rewards(group, f"group {g}")
+        if rewards and max(rewards) - min(rewards) > 0:
+            kept.append(group)
+    return kept
+
+
+def _tensors(**fields: list[int] | list[float]) -> dict[str, TensorData]:
+    return {key: to_tensor_data(value, key) for key, value in fields.items()}
+
+
+@dataclass
+class _Sequence:
+    """A datum under construction; per-token fields are aligned with `tokens` (unshifted)."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    advantages: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    def add_observation(self, tokens: Sequence[int]) -> None:
+        self.tokens.extend(tokens)
+        self.logprobs.extend([0.0] * len(tokens))
+        self.advantages.extend([0.0] * len(tokens))
+        self.weights.extend([0.0] * len(tokens))
+
+    def add_action(
+        self, tokens: Sequence[int], logprobs: Sequence[float], advantage: float
+    ) -> None:
+        self.tokens.extend(tokens)
+        self.logprobs.extend(float(lp) for lp in logprobs)
+        self.advantages.extend([advantage] * len(tokens))
+        self.weights.extend([1.0] * len(tokens))
+
+    def to_datum(self) -> Datum:
+        return Datum(
+            model_input=ModelInput.from_ints(self.tokens[:-1]),
+            loss_fn_inputs=_tensors(
+                target_tokens=self.tokens[1:],
+                logprobs=self.logprobs[1:],
+                advantages=self.advantages[1:],
+                weights=self.weights[1:],
+            ),
+        )
+
+
+def trajectory_to_datums(
+    trajectory: Trajectory,
+    advantage: float,
+    max_length: int | None = None,
+    where: str = "trajectory",
+) -> list[Datum]:
+    """One datum per run of turns whose observations extend each other (usually one)."""
+    if not math.isfinite(advantage):
+        raise InvalidRequestError(f"{where}: advantage {advantage} is not finite")
+    sequences: list[_Sequence] = []
+    for t, transition in enumerate(trajectory.transitions):
+        observation = transition.observation
+        current = sequences[-1].tokens if sequences else None
+        if current is not None and observation[: len(current)] == current:
+            sequences[-1].add_observation(observation[len(current) :])
+        else:
+            if not observation:
+                raise InvalidRequestError(f"{where}, turn {t}: empty observation")
+            sequences.append(_Sequence())
+            sequences[-1].add_observation(observation)
+        if len(transition.action_logprobs) != len(transition.action_tokens):
+            raise InvalidRequestError(
+                f"{where}, turn {t}: {len(transition.action_tokens)} action tokens but "
+                f"{len(transition.action_logprobs)} logprobs"
+            )
+        sequences[-1].add_action(transition.action_tokens, transition.action_logprobs, advantage)
+    for sequence in sequences:
+        if max_length is not None and len(sequence.tokens) - 1 > max_length:
+            raise InvalidRequestError(
+                f"{where}: datum of {len(sequence.tokens) - 1} tokens exceeds max_length={max_length}"
+            )
+    return [sequence.to_datum() for sequence in sequences]
+
+
+def groups_to_datums(
+    groups: Sequence[TrajectoryGroup],
+    normalize_std: bool = False,
+    remove_constant: bool = False,
+    max_length: int | None = None,
+) -> list[Datum]:
+    """The usual path: optionally drop constant groups, compute advantages, build datums."""
+    if remove_constant:
+        groups = remove_constant_reward_groups(groups)
+    advantages_P_G = compute_advantages(groups, normalize_std)
+    datums_D: list[Datum] = []
+    for g, (group, advantages) in enumerate(zip(groups, advantages_P_G, strict=True)):
+        for i, (trajectory, advantage) in enumerate(
+            zip(group.trajectories, advantages, strict=True)
+        ):
+            where = f"group {g}, trajectory {i}"
+            datums_D.extend(trajectory_to_datums(trajectory, advantage, max_length, where))
+    return datums_D
+
+
+def supervised_datum(tokens: Sequence[int], weights: Sequence[float]) -> Datum:
+    """An SFT datum from `ChatRenderer.render_supervised` output (weights aligned with tokens)."""
+    if len(tokens) != len(weights) or len(tokens) < 2:
+        raise InvalidRequestError(
+            f"supervised_datum: need >= 2 tokens and one weight per token, got "
+            f"{len(tokens)} tokens and {len(weights)} weights"
+        )
+    return Datum(
+        model_input=ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs=_tensors(target_tokens=list(tokens[1:]), weights=list(weights[1:])),
+    )
+
+
+def rollout_metrics(groups: Sequence[TrajectoryGroup]) -> dict[str, float]:
+    """`env/...` metrics of a batch: rewards, episode shape, and the envs' own step metrics."""
+    rewards = [r for g, group in enumerate(groups) for r in total_rewards(group, f"group {g}")]
+    trajectories = [t for group in groups for t in group.trajectories]
+    transitions = [tr for t in trajectories for tr in t.transitions]
+    metrics: dict[str, float] = {
+        "env/num_groups": float(len(groups)),
+        "env/num_trajectories": float(len(trajectories)),
+        "env/rollout_errors": float(sum(group.rollout_errors for group in groups)),
+    }
+    if rewards:
+        mean = sum(rewards) / len(rewards)
+        metrics["env/reward_mean"] = mean
+        metrics["env/reward_std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+        constant = sum(1 for g in groups if len(set(total_rewards(g))) == 1)
+        metrics["env/frac_constant_groups"] = constant / len(groups)
+        metrics["env/turns_mean"] = len(transitions) / len(trajectories)
+    if transitions:
+        action_tokens = sum(len(t.action_tokens) for t in transitions)
+        metrics["env/action_tokens_mean"] = action_tokens / len(transitions)
+        truncated = sum(t.stop_reason == "length" for t in transitions)
+        metrics["env/frac_truncated"] = truncated / len(transitions)
+    # The envs' own metrics (e.g. `correct`, `format`), averaged over the turns that report them,
+    # and the group-level metrics from `compute_group_rewards`.
+    sums: dict[str, list[float]] = {}
+    for tr in transitions:
+        for key, value in tr.metrics.items():
+            sums.setdefault(f"env/{key}", []).append(value)
+    for group in groups:
+        for group_metrics in group.metrics:
+            for key, value in group_metrics.items():
+                sums.setdefault(f"env/group/{key}", []).append(value)
+    metrics.update({key: sum(values) / len(values) for key, values in sums.items()})
+    return metrics
