@@ -1,0 +1,572 @@
+"""Supervised fine-tuning (SFT) of a LoRA adapter on chat data: `python -m rl.sft key=value ...`.
+
+Data: chat JSONL, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line, rendered
+with the base model's chat template (envs.chat.ChatRenderer). Only assistant turns carry weight
+(`train_on`); conversations are cut to `max_length` tokens, and one left with no trained token
+is skipped.
+
+Loss: `cross_entropy` sums -w * logprob over tokens (rl.losses). Each batch's weights are
+divided by the number of trained tokens in the batch, so the loss and its gradient are the
+mean NLL per trained token of the batch (`train/loss`), whatever the batch size and answer
+lengths. (tinker-cookbook instead normalises per conversation, which weighs every conversation
+the same.) `eval/loss` is the same mean over all trained tokens of `eval_data`, from
+`TrainingClient.forward` (no gradient).
+
+Order: every epoch shuffles the conversations with the run's RNG and cuts them into
+floor(n / batch_size) batches (the rest of that epoch's shuffle is left out).
+Steps run to `num_epochs` epochs or `max_steps`, whichever ends first; the learning rate is
+`learning_rate` times the schedule's multiplier of the step (`lr_multiplier`).
+
+Pipelining: step s+1's forward_backward + optim_step are submitted before step s's results
+are awaited (`pipeline_depth` steps ahead, tinker-cookbook's submit_ahead), so the trainer is
+busy while this process logs. The client's queue runs calls in submission order, so an eval or
+a save submitted between two steps sees exactly the weights after the first.
+
+Run directory (`log_dir`): config.json, metrics.jsonl, checkpoints.jsonl, checkpoints/ (the
+saved states), wandb/. Resume: running the same command again (after a crash or `kill -9`)
+continues from the last record in checkpoints.jsonl: weights and Adam state come back through
+`create_training_client_from_state_with_optimizer`, the data position and RNG state from the
+record's `loop_state`; a changed setting that would alter the run (model, rank, data, batch
+size, schedule, ...) is an error instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rl.checkpointing import (
+    CheckpointRecord,
+    append_checkpoint,
+    checkpoint_root,
+    rng_from_json,
+    rng_state_to_json,
+    start_run,
+)
+from rl.cli import doc, parse_config
+from rl.errors import CheckpointError, EngineRoomError, InvalidRequestError
+from rl.futures import APIFuture
+from rl.metrics_log import MetricsLogger
+from rl.types import AdamParams, Datum, ForwardBackwardOutput, ModelInput, TensorData
+
+LrSchedule = Literal["constant", "linear", "cosine"]
+
+DEFAULT_DATA = "examples/data/chat_sft.jsonl"
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    base_model: str = doc("SmolLM2-135M-Instruct", "built-in name, local HF directory or hub name")
+    data: str = doc(DEFAULT_DATA, "training chat JSONL: one {'messages': [...]} per line")
+    eval_data: str = doc("", "held-out chat JSONL for eval/loss; '' = no eval")
+    log_dir: str = doc(
+        "runs/sft",
+        "run directory (config, metrics, checkpoints); the same log_dir resumes the run. "
+        "Use an absolute path under `ray job submit`, whose working dir is temporary",
+    )
+    on_existing: Literal["resume", "overwrite", "error"] = doc(
+        "resume",
+        "when log_dir holds a run: resume it (same settings required), overwrite it, or error",
+    )
+    rank: int = doc(32, "LoRA rank")
+    seed: int = doc(0, "seed of the LoRA init and of the data order")
+    train_on: Literal["all_assistant_messages", "last_assistant_message"] = doc(
+        "all_assistant_messages", "which assistant turns are trained on"
+    )
+    max_length: int = doc(1024, "conversations are cut to this many input tokens")
+    batch_size: int = doc(8, "conversations per step")
+    num_epochs: int = doc(1, "passes over the data")
+    max_steps: int = doc(0, "stop after this many steps in all; 0 = all epochs")
+    learning_rate: float = doc(2e-4, "peak AdamW learning rate")
+    lr_schedule: Literal["constant", "linear", "cosine"] = doc(
+        "linear", "decay after warmup: constant, linear or cosine"
+    )
+    warmup_steps: int = doc(0, "steps of linear warmup from learning_rate / warmup_steps")
+    min_lr_ratio: float = doc(0.0, "learning rate at the end of the decay, as a fraction")
+    adam_beta1: float = doc(0.9, "AdamW beta1")
+    adam_beta2: float = doc(0.95, "AdamW beta2")
+    adam_eps: float = doc(1e-8, "AdamW epsilon")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay")
+    grad_clip_norm: float = doc(0.0, "clip the gradient to this global norm; 0 = no clipping")
+    eval_every: int = doc(10, "eval loss before every N-th step and after the last; 0 = last only")
+    eval_batch_size: int = doc(16, "conversations per forward call during eval")
+    save_every: int = doc(20, "checkpoint after every N-th step and after the last; 0 = last only")
+    pipeline_depth: int = doc(1, "steps submitted ahead of the one awaited; 0 = no pipelining")
+    wandb_project: str = doc("", "Weights & Biases project; '' = no W&B")
+    wandb_name: str = doc("", "W&B run name; '' = the log_dir's name")
+    dtype: Literal["auto", "bfloat16", "float32"] = doc(
+        "auto", "base-weight dtype of the trainer (auto = bfloat16)"
+    )
+    num_threads: int = doc(0, "torch threads of the trainer; 0 = all cores")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "rank": (self.rank >= 1, ">= 1"),
+            "max_length": (self.max_length >= 2, ">= 2"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "num_epochs": (self.num_epochs >= 1, ">= 1"),
+            "max_steps": (self.max_steps >= 0, ">= 0"),
+            "learning_rate": (0 < self.learning_rate < math.inf, "> 0 and finite"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
+            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            "adam_beta1": (0 <= self.adam_beta1 < 1, "in [0, 1)"),
+            "adam_beta2": (0 <= self.adam_beta2 < 1, "in [0, 1)"),
+            "adam_eps": (0 <= self.adam_eps < math.inf, ">= 0"),
+            "weight_decay": (0 <= self.weight_decay < math.inf, ">= 0"),
+            "grad_clip_norm": (0 <= self.grad_clip_norm < math.inf, ">= 0"),
+            "eval_every": (self.eval_every >= 0, ">= 0"),
+            "eval_batch_size": (self.eval_batch_size >= 1, ">= 1"),
+            "save_every": (self.save_every >= 0, ">= 0"),
+            "pipeline_depth": (self.pipeline_depth >= 0, ">= 0"),
+            "num_threads": (self.num_threads >= 0, ">= 0"),
+            "base_model": (bool(self.base_model), "non-empty"),
+            "data": (bool(self.data), "non-empty"),
+            "log_dir": (bool(self.log_dir), "non-empty"),
+        }
+        for key, (ok, requirement) in checks.items():
+            if not ok:
+                raise InvalidRequestError(
+                    f"SFTConfig: {key}={getattr(self, key)!r} is invalid: must be {requirement}"
+                )
+        choices = {
+            "lr_schedule": ("constant", "linear", "cosine"),
+            "on_existing": ("resume", "overwrite", "error"),
+            "train_on": ("all_assistant_messages", "last_assistant_message"),
+            "dtype": ("auto", "bfloat16", "float32"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise InvalidRequestError(
+                    f"SFTConfig: {key}={getattr(self, key)!r}, expected one of {list(allowed)}"
+                )
+
+
+# Settings that may change when a run resumes; any other change is an error. `data` may move
+# (e.g. into a Ray job's working dir) as long as its content, `data_sha256`, is the same.
+MAY_DIFFER_ON_RESUME = (
+    "data", "eval_data", "log_dir", "on_existing", "eval_every", "eval_batch_size",
+    "save_every", "pipeline_depth", "wandb_project", "wandb_name", "num_threads",
+)  # fmt: skip
+
+
+@dataclass
+class SFTResult:
+    """What a run did: the step it reached, and the records it logged in this invocation."""
+
+    final_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: CheckpointRecord | None = None
+    resumed_from: int | None = None
+
+
+# -- learning rate -----------------------------------------------------------------------------
+
+
+def lr_multiplier(
+    schedule: LrSchedule, step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
+) -> float:
+    """The learning-rate factor of `step` (0-based) in a run of `total_steps`.
+
+    Warmup: (step + 1) / warmup_steps for the first warmup_steps steps. Then, with
+    p = (step - warmup) / (total - warmup) going from 0 towards 1: constant 1, linear
+    1 - (1 - min_ratio) * p, cosine min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise InvalidRequestError(f"unknown lr_schedule {schedule!r}")
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def read_chat_jsonl(path: str | Path) -> list[list[dict[str, Any]]]:
+    """The `messages` list of every line; a bad line is an error naming file and line."""
+    conversations = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        where = f"{path}, line {i + 1}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"{where}: not JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            raise InvalidRequestError(f"{where}: expected an object with a 'messages' list")
+        conversations.append(row["messages"])
+    if not conversations:
+        raise InvalidRequestError(f"{path}: no conversations")
+    return conversations
+
+
+def render_datums(
+    conversations: list[list[dict[str, Any]]],
+    *,
+    renderer: Any,
+    train_on: str,
+    max_length: int,
+    where: str = "data",
+) -> list[Datum]:
+    """Conversations -> datums with weight 1 on trained tokens (before normalisation).
+
+    Position i of the input predicts token i + 1; conversations left without a trained token
+    after cutting to max_length are skipped.
+    """
+    from envs.chat import ChatTemplateError
+
+    datums = []
+    for i, messages in enumerate(conversations):
+        try:
+            tokens, weights = renderer.render_supervised(messages, train_on=train_on)
+        except ChatTemplateError as e:
+            raise InvalidRequestError(f"{where}, conversation {i}: {e}") from None
+        tokens, weights = tokens[: max_length + 1], weights[: max_length + 1]
+        if sum(weights[1:]) == 0:
+            continue
+        datums.append(
+            Datum(
+                model_input=ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={
+                    "target_tokens": TensorData(data=tokens[1:], dtype="int64"),
+                    "weights": TensorData(data=[float(w) for w in weights[1:]], dtype="float32"),
+                },
+            )
+        )
+    if not datums:
+        raise InvalidRequestError(f"{where}: no conversation has a trained token")
+    return datums
+
+
+def trained_tokens(datum: Datum) -> float:
+    return float(sum(datum.loss_fn_inputs["weights"].data))
+
+
+def mean_per_token(batch: list[Datum]) -> list[Datum]:
+    """The batch with weights divided by its total weight: summed loss = mean NLL per token."""
+    total = sum(trained_tokens(d) for d in batch)
+    return [
+        Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                "target_tokens": d.loss_fn_inputs["target_tokens"],
+                "weights": TensorData(
+                    data=[w / total for w in d.loss_fn_inputs["weights"].data], dtype="float32"
+                ),
+            },
+        )
+        for d in batch
+    ]
+
+
+class DataOrder:
+    """Which conversations form each step's batch: a fresh shuffle per epoch.
+
+    Indices are into the rendered conversations (those skipped for lack of trained tokens are
+    not counted), and are logged per step as `data/batch_indices`.
+
+    `state()` is the position after the batches taken so far: epoch, batches of it done, and
+    the RNG state from just before that epoch's shuffle (replaying the shuffle restores it).
+    """
+
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, state: dict[str, Any] | None = None
+    ):
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.batches_per_epoch = num_items // batch_size
+        if self.batches_per_epoch == 0:
+            raise InvalidRequestError(
+                f"batch_size={batch_size} is larger than the {num_items} usable conversations"
+            )
+        if state is None:
+            self.epoch, self.batch = 0, 0
+            self._rng = random.Random(seed)
+        else:
+            try:
+                self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+                self._rng = rng_from_json(state["rng_state"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(
+                    f"checkpoint loop_state {e!r} is not a data position"
+                ) from None
+            if not 0 <= self.batch <= self.batches_per_epoch:
+                raise CheckpointError(
+                    f"checkpoint loop_state: batch {self.batch} of {self.batches_per_epoch}"
+                )
+        self._shuffle()
+
+    def next_batch(self) -> list[int]:
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._shuffle()
+        start = self.batch * self.batch_size
+        self.batch += 1
+        return self._order[start : start + self.batch_size]
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "rng_state": self._epoch_rng_state}
+
+    def _shuffle(self) -> None:
+        self._epoch_rng_state = rng_state_to_json(self._rng)
+        self._order = list(range(self.num_items))
+        self._rng.shuffle(self._order)
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Step:
+    """A step submitted to the trainer and not yet awaited."""
+
+    step: int
+    indices: list[int]
+    epoch: int
+    tokens: float
+    learning_rate: float
+    fwd_bwd: APIFuture[ForwardBackwardOutput]
+    optim: APIFuture[Any]
+    evals: list[APIFuture[ForwardBackwardOutput]] | None
+    save: APIFuture[Any] | None
+    loop_state: dict[str, Any]
+
+
+def main(config: SFTConfig, service: Any = None) -> SFTResult:
+    """Runs (or resumes) the fine-tune described by `config`; `service` is made if not given."""
+    # Bad data fails here, before the run dir is touched or Ray is started.
+    conversations = _read_file(config, "data")
+    eval_conversations = _read_file(config, "eval_data") if config.eval_data else []
+    run_dir = Path(config.log_dir)
+    run_config = {**dataclasses.asdict(config), "data_sha256": file_sha256(config.data)}
+    resume = start_run(
+        run_dir, run_config, on_existing=config.on_existing, may_differ=MAY_DIFFER_ON_RESUME
+    )
+    own_service = service is None
+    service = service or _make_service(config, run_dir)
+    try:
+        if resume is None:
+            client = service.create_lora_training_client(
+                config.base_model, rank=config.rank, seed=config.seed
+            )
+        else:
+            client = service.create_training_client_from_state_with_optimizer(
+                resume.state_path, base_model=config.base_model
+            )
+        from envs.chat import ChatRenderer
+
+        renderer = ChatRenderer(client.get_tokenizer())
+        render = functools.partial(
+            render_datums, renderer=renderer, train_on=config.train_on, max_length=config.max_length
+        )
+        datums = render(conversations, where=config.data)
+        eval_datums = render(eval_conversations, where=config.eval_data) if config.eval_data else []
+        order = DataOrder(
+            len(datums), config.batch_size, config.seed, resume.loop_state if resume else None
+        )
+        total = config.num_epochs * order.batches_per_epoch
+        if config.max_steps:
+            total = min(total, config.max_steps)
+        start = resume.step if resume else 0
+        print(
+            f"sft: {len(datums)} conversations ({len(conversations) - len(datums)} skipped), "
+            f"{total} steps, run dir {run_dir}" + (f", resuming at step {start}" if resume else ""),
+            flush=True,
+        )
+        with MetricsLogger(
+            run_dir,
+            total_steps=total,
+            start_step=start,
+            wandb_project=config.wandb_project,
+            wandb_name=config.wandb_name,
+            config=run_config,
+        ) as logger:
+            result = _train(
+                config, client, run_dir, datums, eval_datums, order, start, total, logger
+            )
+        result.resumed_from = start if resume else None
+        return result
+    finally:
+        if own_service:
+            service.close()
+
+
+def _read_file(config: SFTConfig, key: str) -> list[list[dict[str, Any]]]:
+    path = getattr(config, key)
+    if not Path(path).is_file():
+        raise InvalidRequestError(f"{key}={path!r}: no such file")
+    return read_chat_jsonl(path)
+
+
+def _make_service(config: SFTConfig, run_dir: Path) -> Any:
+    """A ServiceClient (Ray from RAY_ADDRESS, else embedded) whose trainer saves in run_dir."""
+    from rl.service_client import ServiceClient
+    from trainers.config import TrainerConfig
+
+    trainer_config = TrainerConfig(
+        dtype=config.dtype,
+        num_threads=config.num_threads,
+        checkpoint_dir=str(checkpoint_root(run_dir).resolve()),
+    )
+    return ServiceClient(trainer_config=trainer_config)
+
+
+def _train(
+    config: SFTConfig,
+    client: Any,
+    run_dir: Path,
+    datums: list[Datum],
+    eval_datums: list[Datum],
+    order: DataOrder,
+    start: int,
+    total: int,
+    logger: MetricsLogger,
+) -> SFTResult:
+    result = SFTResult(final_step=start)
+    pending: deque[_Step] = deque()
+    clock = {"start": time.perf_counter(), "last": time.perf_counter()}
+
+    def finish(item: _Step) -> None:
+        metrics = _finish_step(item, run_dir, clock, result)
+        logger.log(item.step, metrics)
+        result.history.append({"step": item.step, **metrics})
+        result.final_step = item.step + 1
+
+    for step in range(start, total):
+        evals = None
+        if eval_datums and config.eval_every and step % config.eval_every == 0:
+            evals = _submit_eval(client, eval_datums, config.eval_batch_size)
+        indices = order.next_batch()
+        batch = [datums[i] for i in indices]
+        lr = config.learning_rate * lr_multiplier(
+            config.lr_schedule, step, total, config.warmup_steps, config.min_lr_ratio
+        )
+        adam = AdamParams(
+            learning_rate=lr,
+            beta1=config.adam_beta1,
+            beta2=config.adam_beta2,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+            grad_clip_norm=config.grad_clip_norm,
+        )
+        # Both go on the client's queue before anything is awaited: they run back to back.
+        fwd_bwd = client.forward_backward(mean_per_token(batch), "cross_entropy")
+        optim = client.optim_step(adam)
+        done = step + 1
+        save = None
+        if done == total or (config.save_every and done % config.save_every == 0):
+            # Queued after this step's optim_step and before the next step's forward_backward,
+            # so the state saved is exactly the one after `done` steps.
+            save = client.save_state(f"step-{done:06d}", overwrite=True)
+        pending.append(
+            _Step(
+                step=step,
+                indices=indices,
+                epoch=order.epoch,
+                tokens=sum(trained_tokens(d) for d in batch),
+                learning_rate=lr,
+                fwd_bwd=fwd_bwd,
+                optim=optim,
+                evals=evals,
+                save=save,
+                loop_state=order.state(),
+            )
+        )
+        while len(pending) > config.pipeline_depth:
+            finish(pending.popleft())
+    while pending:
+        finish(pending.popleft())
+
+    if eval_datums:
+        # The final eval, logged one step past the last training step.
+        eval_metrics = _eval_metrics(_submit_eval(client, eval_datums, config.eval_batch_size))
+        logger.log(total, eval_metrics)
+        result.history.append({"step": total, **eval_metrics})
+    return result
+
+
+def _finish_step(
+    item: _Step, run_dir: Path, clock: dict[str, float], result: SFTResult
+) -> dict[str, Any]:
+    """Waits for a submitted step, records its checkpoint, and returns its metrics."""
+    metrics: dict[str, Any] = {}
+    if item.evals is not None:
+        metrics.update(_eval_metrics(item.evals))
+    out = item.fwd_bwd.result()
+    optim = item.optim.result()
+    now = time.perf_counter()
+    metrics.update(
+        {
+            "train/loss": out.metrics["loss:sum"] / max(out.metrics["weights:sum"], 1e-12),
+            "train/tokens": item.tokens,
+            "train/sequences": len(item.indices),
+            "optim/lr": item.learning_rate,
+            "optim/grad_norm": (optim.metrics or {}).get("grad_norm:mean", float("nan")),
+            "data/epoch": item.epoch,
+            "data/batch_indices": item.indices,
+            "time/step_s": now - clock["last"],
+            "time/elapsed_s": now - clock["start"],
+        }
+    )
+    clock["last"] = now
+    if item.save is not None:
+        record = CheckpointRecord(
+            name=f"step-{item.step + 1:06d}",
+            step=item.step + 1,
+            state_path=item.save.result().path,
+            loop_state=item.loop_state,
+        )
+        # Appended only now that the state is on disk, so a record never names a partial save.
+        append_checkpoint(run_dir, record)
+        result.checkpoint = record
+    return metrics
+
+
+def _submit_eval(
+    client: Any, eval_datums: list[Datum], batch_size: int
+) -> list[APIFuture[ForwardBackwardOutput]]:
+    return [
+        client.forward(eval_datums[i : i + batch_size], "cross_entropy")
+        for i in range(0, len(eval_datums), batch_size)
+    ]
+
+
+def _eval_metrics(futures: list[APIFuture[ForwardBackwardOutput]]) -> dict[str, float]:
+    """Mean NLL per trained token over the whole eval set (raw 0/1 weights)."""
+    outputs = [f.result() for f in futures]
+    loss = sum(o.metrics["loss:sum"] for o in outputs)
+    tokens = sum(o.metrics["weights:sum"] for o in outputs)
+    return {"eval/loss": loss / max(tokens, 1e-12), "eval/tokens": tokens}
+
+
+def cli(argv: list[str]) -> int:
+    """`python -m rl.sft key=value ...`; a bad setting prints one line and exits with 2."""
+    try:
+        main(parse_config(SFTConfig, argv))
+    except EngineRoomError as e:
+        print(f"rl.sft: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
