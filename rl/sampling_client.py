@@ -1,0 +1,353 @@
+"""`SamplingClient`: samples from a base model, a saved sampler checkpoint, or a training client.
+
+    client = service.create_sampling_client(base_model="SmolLM2-135M-Instruct")
+    client = service.create_sampling_client(model_path=saved.path)     # a sampler checkpoint
+    client = training_client.save_weights_and_get_sampling_client()   # the current weights
+    response = client.sample(prompt, num_samples=4, sampling_params=params).result()
+
+Each call returns an `APIFuture` at once; any number may be in flight. Requests go to a pool of
+sampler actors (samplers/pool.py), started on first use and kept in the ServiceClient: per base
+model one pool without LoRA (base-model clients) and one with LoRA (saved checkpoints and
+adapter-mode syncs, many adapters per engine); and per training client in merged mode a pool
+of its own, because a merged engine holds one set of weights.
+
+Logprobs, as in Tinker: `SampledSequence.logprobs` are the model's own logprobs of the sampled
+tokens, with no temperature or top-k/top-p applied (`SamplingParams.logprobs_mode="model"`).
+`logprobs_mode="sampled"` gives the logprobs of the distribution actually sampled from; with
+vLLM that needs a sampler started with `SamplerConfig(logprobs_mode="sampled")`.
+
+Weight sync (`save_weights_and_get_sampling_client`) runs on the training client's ordered
+queue, after its earlier calls. "adapter" mode loads the LoRA adapter into the running engines
+under a fresh version; "merged" mode merges it into the base weights and reloads them (the
+default on CPU, where vLLM's LoRA kernels are slow). Either way the sampler's logprobs of a
+probe sequence are compared with the trainer's before the client is returned: a sync that did
+not take effect raises `WeightSyncError`. The measured difference is in `client.sync_metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from rl.errors import CheckpointError, InvalidRequestError
+from rl.futures import APIFuture, unwrap_ray_error
+from rl.models import resolve_model
+from rl.types import Datum, ModelInput, SampleResponse, SamplingParams
+from samplers.config import SamplerConfig, resolve_sync_mode
+from samplers.pool import SamplerPool, submit
+from samplers.sync import ProbeScores, check_sync, default_tolerance, probe_tokens
+from samplers.types import BASE, WeightsVersion
+from samplers.validation import build_request
+
+if TYPE_CHECKING:
+    from rl.service_client import ServiceClient
+    from rl.training_client import TrainingClient
+
+# Tinker arguments we accept and do not need (retries are the pool's job here).
+_IGNORED_KWARGS = {"retry_config", "record_stability_info", "kind"}
+_pool_lock = threading.Lock()
+
+
+class SamplingClient:
+    def __init__(
+        self,
+        pool: SamplerPool,
+        weights: WeightsVersion,
+        base_model: str,
+        sync_metrics: dict[str, float] | None = None,
+    ):
+        self._pool = pool
+        self.weights = weights
+        self._base_model = base_model
+        self.sync_metrics: dict[str, float] = dict(sync_metrics or {})
+        self._tokenizer: Any = None
+
+    def sample(
+        self,
+        prompt: ModelInput,
+        num_samples: int = 1,
+        sampling_params: SamplingParams | None = None,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> APIFuture[SampleResponse]:
+        """`num_samples` completions of `prompt`. Bad input raises InvalidRequestError here."""
+        assert self._pool.info is not None
+        request = build_request(
+            prompt,
+            num_samples,
+            sampling_params,
+            self._pool.info,
+            include_prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            weights=self.weights,
+        )
+        return APIFuture(submit(self._pool.sample(request)))
+
+    async def sample_async(self, *args: Any, **kwargs: Any) -> SampleResponse:
+        return await self.sample(*args, **kwargs)
+
+    def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
+        """Logprob of each prompt token given the ones before it; entry 0 is None."""
+        future = self.sample(
+            prompt, 1, SamplingParams(max_tokens=1, temperature=0.0), include_prompt_logprobs=True
+        )
+        return APIFuture(_then(future, lambda response: list(response.prompt_logprobs or [])))
+
+    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
+        return await self.compute_logprobs(prompt)
+
+    def get_base_model(self) -> str:
+        return self._base_model
+
+    def get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._pool.model_dir)
+        return self._tokenizer
+
+
+# -- construction -------------------------------------------------------------------------
+
+
+def create_sampling_client(
+    service: ServiceClient,
+    model_path: str | None = None,
+    base_model: str | None = None,
+    **kwargs: Any,
+) -> SamplingClient:
+    """A client for `base_model`, or for the sampler checkpoint at `model_path`."""
+    _check_kwargs(kwargs)
+    if model_path is None and base_model is None:
+        raise InvalidRequestError("create_sampling_client needs model_path or base_model")
+    if model_path is None:
+        assert base_model is not None
+        pool = base_pool(service, resolve_model(base_model))
+        return SamplingClient(pool, BASE, base_model)
+    path, adapter_config, checkpoint_base = read_sampler_checkpoint(model_path)
+    base = base_model or checkpoint_base
+    pool = shared_pool(service, resolve_model(base))
+    assert pool.info is not None
+    rank = int(adapter_config.get("r", 0))
+    if rank > pool.info.max_lora_rank:
+        raise InvalidRequestError(
+            f"checkpoint {model_path!r} has LoRA rank {rank}, above the sampler's max_lora_rank "
+            f"{pool.info.max_lora_rank} (raise SamplerConfig.max_lora_rank)"
+        )
+    weights = pool.path_versions.get(path)
+    if weights is None:
+        weights = pool.new_version("adapter", path)
+        try:
+            submit(pool.push(weights, path)).result()
+        except Exception as error:
+            raise CheckpointError(
+                f"the sampler cannot load checkpoint {model_path!r}: {unwrap_ray_error(error)}"
+            ) from None
+        pool.path_versions[path] = weights
+    return SamplingClient(pool, weights, base)
+
+
+def sampling_client_from_trainer(
+    training_client: TrainingClient,
+    name: str | None = None,
+    sync_mode: str | None = None,
+    **kwargs: Any,
+) -> SamplingClient:
+    """Pushes the training client's current weights to the samplers, checks, returns a client.
+
+    Runs after the client's earlier calls (its ordered queue) and blocks until verified.
+    `name` is accepted for Tinker compatibility and unused (the weights are not saved).
+    """
+    _check_kwargs(kwargs)
+    if sync_mode not in (None, "adapter", "merged"):
+        raise InvalidRequestError(f"sync_mode={sync_mode!r}; expected 'adapter' or 'merged'")
+    return training_client._run_in_order(
+        lambda: _sync(training_client, sync_mode)  # type: ignore[arg-type]
+    ).result()
+
+
+def _sync(training_client: TrainingClient, sync_mode: str | None) -> SamplingClient:
+    service = training_client.service
+    config = sampler_config(service)
+    trainer = training_client._actor
+    model_id = training_client.model_id
+    model_dir = ray.get(trainer.base_model_path.remote())
+    on_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    mode = sync_mode or resolve_sync_mode(config, on_gpu)
+    if mode == "adapter":
+        pool = shared_pool(service, model_dir)
+        assert pool.info is not None
+        rank = training_client.get_info().lora_rank
+        if rank > pool.info.max_lora_rank:
+            raise InvalidRequestError(
+                f"LoRA rank {rank} is above the sampler's max_lora_rank {pool.info.max_lora_rank}"
+                " (raise SamplerConfig.max_lora_rank, or sync with sync_mode='merged')"
+            )
+        source = trainer.adapter_weights.remote(model_id)
+    else:
+        pool = merged_pool(service, model_dir, model_id)
+        source = trainer.merged_weights.remote(model_id)
+    return push_and_verify(training_client, pool, mode, source)
+
+
+def push_and_verify(
+    training_client: TrainingClient, pool: SamplerPool, mode: str, source: Any
+) -> SamplingClient:
+    """Loads `source` (ObjectRef of the trainer's adapter or merged weights) as a new version
+    on every actor of `pool`, checks it against the trainer, and returns its client."""
+    config = sampler_config(training_client.service)
+    start = time.perf_counter()
+    weights = pool.new_version(mode, training_client.model_id)
+    timings = submit(pool.push(weights, source)).result()
+    metrics = {"time/sync_s": time.perf_counter() - start, **_prefixed(timings)}
+    if config.verify_sync:
+        metrics.update(_verify(training_client, pool, weights, config))
+    return SamplingClient(pool, weights, training_client.base_model, metrics)
+
+
+def _verify(
+    training_client: TrainingClient,
+    pool: SamplerPool,
+    weights: WeightsVersion,
+    config: SamplerConfig,
+) -> dict[str, float]:
+    """Compares every sampler actor's probe logprobs with the trainer's (see samplers/sync)."""
+    assert pool.info is not None
+    start = time.perf_counter()
+    tokens = probe_tokens(_tokenizer(pool), pool.info.vocab_size)
+    datum = Datum.model_validate(
+        {
+            "model_input": ModelInput.from_ints(tokens[:-1]),
+            "loss_fn_inputs": {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+        }
+    )
+    trainer_ref = training_client._actor.forward.remote(training_client.model_id, [datum])
+    request = build_request(
+        tokens, 1, SamplingParams(max_tokens=1, temperature=0.0), pool.info,
+        include_prompt_logprobs=True, weights=weights,
+    )  # fmt: skip
+    responses = submit(pool.sample_on_each(request)).result()
+    trainer_logprobs = ray.get(trainer_ref).loss_fn_outputs[0]["logprobs"].tolist()
+    scores = ProbeScores(
+        trainer=[float(x) for x in trainer_logprobs],
+        samplers=[[float(x or 0.0) for x in (r.prompt_logprobs or [])[1:]] for r in responses],
+    )
+    trainer_dtype = str(getattr(training_client.service.trainer_config, "dtype", "auto"))
+    tolerance = config.sync_tolerance or default_tolerance(
+        pool.info.dtype, "float32" if trainer_dtype == "float32" else "bfloat16"
+    )
+    previous = pool.probe_scores.get(training_client.model_id)
+    metrics = check_sync(scores, previous, tolerance, f"{training_client.model_id!r}")
+    pool.probe_scores[training_client.model_id] = scores
+    return {**metrics, "time/sync_verify_s": time.perf_counter() - start}
+
+
+# -- pools --------------------------------------------------------------------------------
+
+
+def sampler_config(service: ServiceClient) -> SamplerConfig:
+    config = getattr(service, "sampler_config", None)
+    return config if isinstance(config, SamplerConfig) else SamplerConfig()
+
+
+def base_pool(service: ServiceClient, model_dir: str) -> SamplerPool:
+    """The pool for base-model sampling: no LoRA, so requests batch freely (see engine_vllm)."""
+    return get_pool(service, model_dir, f"{model_dir}::base", enable_lora=False)
+
+
+def shared_pool(service: ServiceClient, model_dir: str) -> SamplerPool:
+    """The LoRA pool for saved checkpoints and adapter-mode syncs of `model_dir`."""
+    return get_pool(service, model_dir, f"{model_dir}::lora", enable_lora=True)
+
+
+def merged_pool(service: ServiceClient, model_dir: str, model_id: str) -> SamplerPool:
+    """The pool holding the merged weights of one training client."""
+    return get_pool(service, model_dir, f"{model_dir}::merged::{model_id}", enable_lora=False)
+
+
+def get_pool(service: ServiceClient, model_dir: str, key: str, *, enable_lora: bool) -> SamplerPool:
+    """One pool per key, kept in `service._sampler_pools` and started on first use."""
+    with _pool_lock:
+        pool = service._sampler_pools.get(key)
+        if pool is None:
+            pool = SamplerPool(
+                model_dir, sampler_config(service), enable_lora=enable_lora, label=key
+            )
+            pool.start()
+            service._sampler_pools[key] = pool
+        return pool
+
+
+def read_sampler_checkpoint(model_path: str) -> tuple[str, dict[str, Any], str]:
+    """(resolved directory, adapter_config, base model) of a saved sampler checkpoint."""
+    if not isinstance(model_path, str) or not model_path:
+        raise InvalidRequestError(f"model_path must be a non-empty string, got {model_path!r}")
+    if model_path.startswith("tinker://"):
+        raise InvalidRequestError(
+            f"model_path {model_path!r}: tinker:// paths are not served here; pass the local "
+            "path returned by save_weights_for_sampler"
+        )
+    root = Path(model_path).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"model_path {model_path!r} is not a directory")
+    try:
+        adapter_config = json.loads((root / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"model_path {model_path!r} has no readable adapter_config.json: {e}"
+        ) from None
+    if not (root / "adapter_model.safetensors").is_file():
+        raise CheckpointError(f"model_path {model_path!r} has no adapter_model.safetensors")
+    base = adapter_config.get("base_model_name_or_path")
+    meta = root / "engineroom.json"
+    if meta.is_file():
+        with contextlib.suppress(ValueError):
+            base = json.loads(meta.read_text()).get("base_model", base)
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"model_path {model_path!r} does not name its base model")
+    return str(root.resolve()), adapter_config, base
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _check_kwargs(kwargs: dict[str, Any]) -> None:
+    unknown = set(kwargs) - _IGNORED_KWARGS
+    if unknown:
+        raise InvalidRequestError(f"unexpected arguments: {sorted(unknown)}")
+
+
+def _prefixed(timings: dict[str, float]) -> dict[str, float]:
+    return {f"time/sync_{key}": value for key, value in timings.items()}
+
+
+def _tokenizer(pool: SamplerPool) -> Any:
+    from transformers import AutoTokenizer
+
+    if pool.tokenizer is None:
+        pool.tokenizer = AutoTokenizer.from_pretrained(pool.model_dir)
+    return pool.tokenizer
+
+
+def _then(future: APIFuture[Any], fn: Any) -> Any:
+    import concurrent.futures
+
+    out: concurrent.futures.Future = concurrent.futures.Future()
+
+    def done(inner: concurrent.futures.Future) -> None:
+        try:
+            out.set_result(fn(inner.result()))
+        except BaseException as error:
+            out.set_exception(error)
+
+    future.future().add_done_callback(done)
+    return out
+
+
+__all__ = ["SamplingClient", "create_sampling_client", "sampling_client_from_trainer"]

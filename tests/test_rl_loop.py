@@ -1,0 +1,239 @@
+"""The RL loop (rl.train) with tiny random models: one sync step, async off-policy steps, the
+custom-env example, config errors, kill -9 and resume; one run through the real vLLM engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rl.cli import parse_config
+from rl.errors import InvalidRequestError
+from rl.metrics_log import read_metrics
+from rl.train import Config, batch_builders, build_datasets, builder_id, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CUSTOM_ENV = "examples.custom_env:build_datasets"
+
+
+@pytest.fixture(scope="module")
+def torch_service(ray_local, tmp_path_factory):
+    from rl import ServiceClient
+    from samplers.config import SamplerConfig
+    from trainers import TrainerConfig
+
+    service = ServiceClient(
+        trainer_config=TrainerConfig(
+            dtype="float32", num_threads=1, checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))
+        ),
+        sampler_config=SamplerConfig(engine="torch"),
+    )
+    yield service
+    service.close()
+
+
+@pytest.fixture(autouse=True)
+def repo_root_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # for env=examples.custom_env:...
+
+
+def tiny_args(tiny_model: str, log_dir: Path, **overrides: object) -> list[str]:
+    args = {
+        "base_model": tiny_model,
+        "env": CUSTOM_ENV,
+        "env_args": "num_test=4",
+        "num_steps": 2,
+        "groups_per_batch": 3,
+        "group_size": 4,
+        "max_tokens": 6,
+        "rank": 8,
+        "learning_rate": 1e-2,
+        "remove_constant_groups": False,
+        "eval_every": 0,
+        "save_every": 0,
+        "log_samples": 2,
+        "sampler_engine": "torch",
+        "sync_mode": "adapter",  # one shared sampler actor for every test's training client
+        "trainer_threads": 1,
+        "log_dir": str(log_dir),
+        **overrides,
+    }
+    return [f"{key}={value}" for key, value in args.items()]
+
+
+def test_one_sync_step(torch_service, tiny_model, tmp_path):
+    trainer = main(tiny_args(tiny_model, tmp_path, num_steps=1), service=torch_service)
+    (step,) = trainer.history
+    assert step["optim/num_datums"] == 12
+    assert step["env/num_trajectories"] == 12
+    # Same weights, same dtype on both sides: the sampler's logprobs are the trainer's.
+    assert abs(step["optim/kl_sample_train_v1"]) < 1e-3
+    assert step["optim/entropy"] > 0 and step["optim/grad_norm"] > 0
+    assert step["async/staleness"] == 0
+    for key in ("time/sample_s", "time/train_s", "time/sync_s", "perf/sample_tokens_per_s"):
+        assert step[key] > 0, key
+    assert "optim/clip_fraction" in step  # ppo reports it
+    # Baseline eval before the step and the final eval after it, in the logged metrics.
+    (record,) = read_metrics(tmp_path)
+    assert record["baseline/accuracy"] == trainer.evals[0][1]
+    assert record["eval/accuracy"] == trainer.evals[-1][1]
+    assert [s for s, _ in trainer.evals] == [0, 1]
+    assert (tmp_path / "checkpoints.jsonl").is_file()  # the final checkpoint
+    assert (tmp_path / "samples.jsonl").read_text().count("completion") == 4
+
+
+def test_async_steps_sample_ahead(torch_service, tiny_model, tmp_path):
+    args = tiny_args(tiny_model, tmp_path, num_steps=3, max_steps_off_policy=1, loss_fn="cispo")
+    trainer = main(args, service=torch_service)
+    # Batch 0 uses the initial weights; batches 1 and 2 are sampled while the step before
+    # them trains, i.e. with weights one step old.
+    assert [s["async/staleness"] for s in trainer.history] == [0, 1, 1]
+    assert all(s["optim/num_datums"] == 12 for s in trainer.history)
+    # Weights moved (lr 1e-2) between sampling and training: the gap shows up in the KL.
+    assert abs(trainer.history[0]["optim/kl_sample_train_v1"]) < 1e-3
+    assert trainer.history[2]["optim/kl_sample_train_v2"] > 1e-6
+
+
+def test_kl_penalty_and_substeps(torch_service, tiny_model, tmp_path):
+    args = tiny_args(
+        tiny_model, tmp_path, num_steps=2, kl_penalty_coef=0.1, num_substeps=2, loss_fn="dro"
+    )
+    trainer = main(args, service=torch_service)
+    first, second = trainer.history
+    assert abs(first["kl/sampler_base"]) < 1e-3  # step 0 samples the base weights themselves
+    assert abs(second["kl/sampler_base"]) > 1e-6
+
+
+def test_custom_env_example_runs(torch_service, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import custom_env
+
+    overrides = tiny_args(tiny_model, tmp_path, num_steps=2)
+    trainer = custom_env.main(overrides, service=torch_service)
+    assert len(trainer.history) == 2
+    rewards = [s["env/reward_mean"] for s in trainer.history]
+    assert all(-0.1 <= r <= 1.0 for r in rewards)
+    assert custom_env.word_length_score("hello", "5") == 1.0
+    assert custom_env.word_length_score("hi there", "4") == 0.5
+    assert custom_env.single_word(" Apple. ") == 1.0 and custom_env.single_word("two words") == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["lerning_rate=1e-3"], "unknown config key 'lerning_rate'"),
+        (["loss_fn=reinforce"], "loss_fn='reinforce': expected one of"),
+        (["learning_rate=fast"], "learning_rate='fast': expected float"),
+        (["group_size=0"], "group_size=0 must be >= 1"),
+        (["env=chess"], "env='chess': expected one of"),
+        (["loss_fn=dro", "clip_low=0.5"], "does not take clip_low_threshold"),
+        (["env_args=level"], "env_args item 'level' is not key=value"),
+        (["temperature=-1"], "temperature=-1.0 must be"),
+    ],
+)
+def test_bad_config_is_a_clear_error(argv, message):
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(")):
+        parse_config(Config, argv)
+
+
+def test_unloadable_env_and_bad_env_args(torch_service, tiny_model, tmp_path):
+    with pytest.raises(InvalidRequestError, match="cannot load"):
+        main(tiny_args(tiny_model, tmp_path, env="no_such_module:build"), service=torch_service)
+    with pytest.raises(InvalidRequestError, match="env_args"):
+        main(
+            tiny_args(tiny_model, tmp_path / "b", env_args="colour=3"),
+            service=torch_service,
+        )
+
+
+def test_cli_reports_config_errors_without_a_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "rl.train", "num_steps=often"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "error: num_steps='often': expected int" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _run_train(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "rl.train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: kill -9 takes its Ray with it
+    )
+
+
+def test_kill_9_then_resume_reaches_the_same_end_with_the_same_data(tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_args(tiny_model, run_dir, num_steps=5, save_every=1, log_samples=0)
+    args = [a for a in args if not a.startswith("sync_mode")]  # its own Ray: merged is fine
+    first = _run_train(args, tmp_path / "first.log")
+    checkpoints = run_dir / "checkpoints.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and first.poll() is None:
+            if checkpoints.exists() and checkpoints.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
+        first.wait()
+    killed_at = json.loads(checkpoints.read_text().splitlines()[-1])["step"]
+    assert 2 <= killed_at < 5
+
+    second = _run_train(args, tmp_path / "second.log")
+    try:
+        assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    log = (tmp_path / "second.log").read_text()
+    assert f"at step {killed_at}" in log
+
+    records = [r for r in read_metrics(run_dir) if "data/problem_ids" in r]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    # The data order of an uninterrupted run, computed from the dataset itself.
+    from transformers import AutoTokenizer
+
+    from envs.chat import ChatRenderer
+
+    config = parse_config(Config, args)
+    train, _ = build_datasets(config, ChatRenderer(AutoTokenizer.from_pretrained(tiny_model)))
+    expected = [[builder_id(b) for b in batch_builders(train, step)] for step in range(5)]
+    assert [r["data/problem_ids"] for r in records] == expected
+    last = json.loads(checkpoints.read_text().splitlines()[-1])
+    assert last["step"] == 5 and "rng" in last["loop_state"]
+
+
+@pytest.fixture(scope="module")
+def tiny128(tmp_path_factory) -> str:
+    """vLLM's CPU attention needs head sizes that are multiples of 32: hidden size 128."""
+    from rl.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny128") / "model", hidden_size=128)
+
+
+@pytest.mark.slow
+def test_end_to_end_with_the_vllm_engine(ray_local, tiny128, tmp_path):
+    pytest.importorskip("vllm")
+    args = tiny_args(tiny128, tmp_path, num_steps=2, max_steps_off_policy=1, max_context=256)
+    args = [a for a in args if not a.startswith(("sampler_engine", "sync_mode"))]
+    trainer = main([*args, "sampler_engine=vllm", "enforce_eager=true"])
+    assert [s["step"] for s in trainer.history] == [0, 1]
+    assert abs(trainer.history[0]["optim/kl_sample_train_v1"]) < 1e-2
+    assert all(s["optim/num_datums"] == 12 for s in trainer.history)
