@@ -16,6 +16,10 @@ tokens, with no temperature or top-k/top-p applied (`SamplingParams.logprobs_mod
 `logprobs_mode="sampled"` gives the logprobs of the distribution actually sampled from; with
 vLLM that needs a sampler started with `SamplerConfig(logprobs_mode="sampled")`.
 
+Stops: EOS always stops unless `stop=[]`; `stop` strings or token ids stop too, and the token
+that completes a stop is kept in `tokens`. `temperature` is in [0, 2] (vLLM's range); 0 is
+greedy, so every one of `num_samples` is the same sequence.
+
 Weight sync (`save_weights_and_get_sampling_client`) runs on the training client's ordered
 queue, after its earlier calls. "adapter" mode loads the LoRA adapter into the running engines
 under a fresh version; "merged" mode merges it into the base weights and reloads them (the

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import os
+import queue
 import random
+import threading
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -32,6 +36,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class TorchEngine:
     def __init__(self, model_dir: str, config: SamplerConfig):
+        # One worker thread: generation and weight changes never overlap, and weight changes
+        # go ahead of queued requests (as between vLLM steps). The model is loaded on it too,
+        # so the OpenMP threads serving it belong to that thread.
+        self._worker = _Worker()
+        self._worker.submit(lambda: self._load(model_dir, config), urgent=True).result()
+
+    def _load(self, model_dir: str, config: SamplerConfig) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
@@ -43,8 +54,6 @@ class TorchEngine:
         self._model: Any = model  # becomes a PeftModel once an adapter is loaded
         self._adapters: set[str] = set()
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        # One worker thread: generation and weight changes never overlap.
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torch-engine")
         model_max = int(getattr(model.config, "max_position_embeddings", 2048))
         param_dtype = next(model.parameters()).dtype
         self.info = EngineInfo(
@@ -66,8 +75,7 @@ class TorchEngine:
     async def sample(
         self, request: SampleRequest, adapter_path: str | None = None
     ) -> SampleResponse:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._sample, request)
+        return await asyncio.wrap_future(self._worker.submit(lambda: self._sample(request)))
 
     def _sample(self, request: SampleRequest) -> SampleResponse:
         adapter = (
@@ -143,7 +151,7 @@ class TorchEngine:
     # -- weights ---------------------------------------------------------------------------
 
     def load_adapter(self, version: int, path: str) -> None:
-        self._executor.submit(self._load_adapter, version, path).result()
+        self._worker.submit(lambda: self._load_adapter(version, path), urgent=True).result()
 
     def _load_adapter(self, version: int, path: str) -> None:
         from peft import PeftModel
@@ -157,7 +165,7 @@ class TorchEngine:
         self._adapters.add(name)
 
     def unload_adapter(self, version: int) -> None:
-        self._executor.submit(self._unload_adapter, version).result()
+        self._worker.submit(lambda: self._unload_adapter(version), urgent=True).result()
 
     def _unload_adapter(self, version: int) -> None:
         name = _adapter_name(version)
@@ -171,7 +179,7 @@ class TorchEngine:
         self._adapters.discard(name)
 
     def load_full_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self._executor.submit(self._load_full_weights, state_dict).result()
+        self._worker.submit(lambda: self._load_full_weights(state_dict), urgent=True).result()
 
     def _load_full_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         if self._adapters:
@@ -188,7 +196,36 @@ class TorchEngine:
         return True  # no cache survives a request here
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._worker.stop()
+
+
+class _Worker:
+    """One thread running submitted functions in order; `urgent` ones jump the queue."""
+
+    def __init__(self) -> None:
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        threading.Thread(target=self._run, name="torch-engine", daemon=True).start()
+
+    def submit(self, fn: Callable[[], Any], urgent: bool = False) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((0 if urgent else 1, next(self._order), fn, future))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put((2, next(self._order), None, None))
+
+    def _run(self) -> None:
+        while True:
+            _, _, fn, future = self._queue.get()
+            if fn is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as error:
+                future.set_exception(error)
 
 
 # -- pure helpers ----------------------------------------------------------------------------

@@ -102,6 +102,23 @@ class VLLMEngine:
         """`exit_on_failure`: end the process if vLLM breaks (in an actor: Ray restarts it
         and the pool resubmits its requests), instead of failing every later request."""
         self._exit_on_failure = exit_on_failure
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._backlog: deque = deque()
+        self._running: dict[str, _Add] = {}  # vLLM request id -> its call
+        self._exclusive_waiting: deque[tuple[_Add, _Part]] = deque()
+        self._exclusive_running: str | None = None
+        self._failed: BaseException | None = None
+        # vLLM is built on the engine thread itself: its CPU worker binds the OpenMP threads
+        # of the thread that starts it, and steps from any other thread run ~10% slower.
+        started: concurrent.futures.Future[EngineInfo] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(model_dir, config, enable_lora, started),
+            name="vllm-engine", daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+        self.info = started.result()
+
+    def _start(self, model_dir: str, config: SamplerConfig, enable_lora: bool) -> EngineInfo:
         os.environ.update(engine_env())  # before vllm is imported
         from transformers import AutoConfig
         from vllm import LLM
@@ -150,7 +167,7 @@ class VLLMEngine:
                 "reload_weights", kwargs={"weights_iterator": iter([("lm_head.weight", embedding)])}
             )
         model_config = self._engine.model_config
-        self.info = EngineInfo(
+        return EngineInfo(
             engine="vllm",
             model_dir=model_dir,
             vocab_size=int(hf_config.vocab_size),
@@ -164,14 +181,6 @@ class VLLMEngine:
             max_lora_rank=config.max_lora_rank if enable_lora else 0,
             extra={"untied_embeddings": untie, "threads": torch.get_num_threads()},
         )
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._backlog: deque = deque()
-        self._running: dict[str, _Add] = {}  # vLLM request id -> its call
-        self._exclusive_waiting: deque[tuple[_Add, _Part]] = deque()
-        self._exclusive_running: str | None = None
-        self._failed: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="vllm-engine", daemon=True)
-        self._thread.start()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -235,6 +244,20 @@ class VLLMEngine:
         self._thread.join(timeout=30)
 
     # -- the engine thread -----------------------------------------------------------------
+
+    def _run(
+        self,
+        model_dir: str,
+        config: SamplerConfig,
+        enable_lora: bool,
+        started: concurrent.futures.Future[EngineInfo],
+    ) -> None:
+        try:
+            started.set_result(self._start(model_dir, config, enable_lora))
+        except BaseException as error:
+            started.set_exception(error)
+            return
+        self._loop()
 
     def _loop(self) -> None:
         try:

@@ -245,3 +245,25 @@ def test_killed_actor_loses_no_request(sampling_service, tiny_model):
         reference[i] for i in range(6) for _ in range(10)
     ]
     assert ray.get(victim.held.remote())["served"] > 0
+
+
+def test_old_version_serves_its_running_requests(sampling_service, tiny_model):
+    """A sync while requests for the previous version run: they finish on the old adapter,
+    which is unloaded only afterwards."""
+    training_client = sampling_service.create_lora_training_client(tiny_model, rank=8, seed=9)
+    train_step(training_client, SEQUENCE)
+    old = training_client.save_weights_and_get_sampling_client(sync_mode="adapter")
+    params = [SamplingParams(max_tokens=32, seed=i) for i in range(60)]
+    reference = [old.sample(PROMPT, 1, params[i]).result().sequences[0].tokens for i in range(4)]
+    train_step(training_client, SEQUENCE)  # the old client still samples version 1
+    futures = [old.sample(PROMPT, 1, p) for p in params]
+    new = training_client.save_weights_and_get_sampling_client(sync_mode="adapter")
+    assert not all(f.done() for f in futures), "the sync did not overlap the requests"
+    results = [f.result(timeout=120).sequences[0].tokens for f in futures]
+    assert results[:4] == reference
+    assert new.sample(PROMPT, 1, params[0]).result().sequences[0].tokens != reference[0]
+    held = [ray.get(h.held.remote())["adapters"] for h in new._pool.actor_handles()]
+    versions = {
+        v for actor in held for v, (m, _, _) in actor.items() if m == training_client.model_id
+    }
+    assert versions == {new.weights.version}
