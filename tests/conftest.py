@@ -26,6 +26,12 @@ def other_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def vllm_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """vLLM's CPU attention needs head sizes that are multiples of 32: hidden size 128."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny128") / "model", hidden_size=128)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the whole test session, on loopback, stopped at the end."""
     if not ray.is_initialized():
@@ -45,5 +51,22 @@ def service(ray_local, tmp_path_factory: pytest.TempPathFactory):
         checkpoint_dir=str(tmp_path_factory.mktemp("checkpoints")),
     )
     client = ServiceClient(trainer_config=config)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def torch_service(ray_local, tmp_path_factory: pytest.TempPathFactory):
+    """A ServiceClient whose samplers use the torch engine (fast with tiny models)."""
+    from rl import ServiceClient
+    from samplers.config import SamplerConfig
+    from trainers import TrainerConfig
+
+    client = ServiceClient(
+        trainer_config=TrainerConfig(
+            dtype="float32", num_threads=1, checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))
+        ),
+        sampler_config=SamplerConfig(engine="torch"),
+    )
     yield client
     client.close()

@@ -22,22 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CUSTOM_ENV = "examples.custom_env:build_datasets"
 
 
-@pytest.fixture(scope="module")
-def torch_service(ray_local, tmp_path_factory):
-    from rl import ServiceClient
-    from samplers.config import SamplerConfig
-    from trainers import TrainerConfig
-
-    service = ServiceClient(
-        trainer_config=TrainerConfig(
-            dtype="float32", num_threads=1, checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))
-        ),
-        sampler_config=SamplerConfig(engine="torch"),
-    )
-    yield service
-    service.close()
-
-
 @pytest.fixture(autouse=True)
 def repo_root_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))  # for env=examples.custom_env:...
@@ -220,18 +204,12 @@ def test_kill_9_then_resume_reaches_the_same_end_with_the_same_data(tiny_model, 
     assert last["step"] == 5 and "rng" in last["loop_state"]
 
 
-@pytest.fixture(scope="module")
-def tiny128(tmp_path_factory) -> str:
-    """vLLM's CPU attention needs head sizes that are multiples of 32: hidden size 128."""
-    from rl.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny128") / "model", hidden_size=128)
-
-
 @pytest.mark.slow
-def test_end_to_end_with_the_vllm_engine(ray_local, tiny128, tmp_path):
+def test_end_to_end_with_the_vllm_engine(ray_local, vllm_tiny_model, tmp_path):
     pytest.importorskip("vllm")
-    args = tiny_args(tiny128, tmp_path, num_steps=2, max_steps_off_policy=1, max_context=256)
+    args = tiny_args(
+        vllm_tiny_model, tmp_path, num_steps=2, max_steps_off_policy=1, max_context=256
+    )
     args = [a for a in args if not a.startswith(("sampler_engine", "sync_mode"))]
     trainer = main([*args, "sampler_engine=vllm", "enforce_eager=true"])
     assert [s["step"] for s in trainer.history] == [0, 1]

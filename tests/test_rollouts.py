@@ -17,24 +17,6 @@ STOP = [2]
 
 
 @pytest.fixture(scope="module")
-def torch_service(ray_local, tmp_path_factory):
-    from rl import ServiceClient
-    from samplers.config import SamplerConfig
-    from trainers import TrainerConfig
-
-    service = ServiceClient(
-        trainer_config=TrainerConfig(
-            dtype="float32",
-            num_threads=1,
-            checkpoint_dir=str(tmp_path_factory.mktemp("ckpt")),
-        ),
-        sampler_config=SamplerConfig(engine="torch"),
-    )
-    yield service
-    service.close()
-
-
-@pytest.fixture(scope="module")
 def client(torch_service, tiny_model):
     return torch_service.create_sampling_client(base_model=tiny_model)
 

@@ -20,7 +20,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rl.errors import InvalidRequestError
-from rl.models import build_tiny_model
 from rl.types import SamplingParams
 from samplers.config import SamplerConfig
 from samplers.types import SampleRequest, WeightsVersion
@@ -31,11 +30,6 @@ pytestmark = pytest.mark.slow
 PROMPT = [1, 504, 3458, 314, 4649, 314, 253]
 SEQUENCE = [1, 504, 3458, 314, 4649, 314, 253, 5, 6, 7, 8, 9]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-
-
-@pytest.fixture(scope="module")
-def vllm_tiny_model(tmp_path_factory) -> str:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny128") / "model", hidden_size=128)
 
 
 @pytest.fixture(scope="module")

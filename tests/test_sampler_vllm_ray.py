@@ -13,7 +13,6 @@ import pytest
 import ray
 
 from rl.errors import InvalidRequestError
-from rl.models import build_tiny_model
 from rl.types import AdamParams, Datum, ModelInput, SamplingParams
 from samplers.config import SamplerConfig
 
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.slow
 
 PROMPT = ModelInput.from_ints([1, 504, 3458, 314, 4649, 314, 253])
 SEQUENCE = [1, 504, 3458, 314, 4649, 314, 253, 5, 6, 7, 8, 9]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny128") / "model", hidden_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +69,10 @@ def sampler_logprobs(client, tokens: list[int]) -> list[float]:
 
 
 @pytest.mark.parametrize("mode", ["adapter", "merged"])
-def test_sync_follows_training(service, model, mode):
+def test_sync_follows_training(service, vllm_tiny_model, mode):
     # train_unembed=True (the default): vLLM serves the lm_head LoRA in adapter mode, and
     # merged mode unties the output head from the input embedding.
-    training_client = service.create_lora_training_client(model, rank=8, seed=1)
+    training_client = service.create_lora_training_client(vllm_tiny_model, rank=8, seed=1)
     first = training_client.save_weights_and_get_sampling_client(sync_mode=mode)
     before = sampler_logprobs(first, SEQUENCE)
     train_step(training_client, SEQUENCE)
@@ -91,8 +85,8 @@ def test_sync_follows_training(service, model, mode):
     assert [len(s.tokens) for s in response.sequences] == [6, 6, 6]
 
 
-def test_two_adapters_on_one_engine(service, model):
-    clients = [service.create_lora_training_client(model, rank=8, seed=s) for s in (2, 3)]
+def test_two_adapters_on_one_engine(service, vllm_tiny_model):
+    clients = [service.create_lora_training_client(vllm_tiny_model, rank=8, seed=s) for s in (2, 3)]
     train_step(clients[0], SEQUENCE)
     train_step(clients[1], list(reversed(SEQUENCE)))
     samplers = [c.save_weights_and_get_sampling_client(sync_mode="adapter") for c in clients]
@@ -113,8 +107,8 @@ def test_two_adapters_on_one_engine(service, model):
     assert samples[0].sequences[0].tokens != samples[1].sequences[0].tokens
 
 
-def test_bad_input_then_killed_actor(service, model):
-    training_client = service.create_lora_training_client(model, rank=8, seed=4)
+def test_bad_input_then_killed_actor(service, vllm_tiny_model):
+    training_client = service.create_lora_training_client(vllm_tiny_model, rank=8, seed=4)
     client = training_client.save_weights_and_get_sampling_client(sync_mode="adapter")
     for params, num_samples, prompt in [
         (SamplingParams(max_tokens=0), 1, PROMPT),
