@@ -2,6 +2,7 @@
 
     python bench/bench_rl.py               # the rl.train preset at 8 groups, 4 steps per mode
     python bench/bench_rl.py steps=4 groups_per_batch=8 out=bench/rl.json
+    python bench/bench_rl.py trainer_threads=1 sampler_threads=1    # cores split, not shared
 
 Three measurements, each on a fresh ServiceClient (its own trainer and vLLM engine) in one
 embedded Ray:
@@ -48,6 +49,8 @@ class BenchConfig:
     base_model: str = doc("SmolLM2-135M-Instruct", "model")
     sampler_engine: str = doc("vllm", "vllm | torch")
     raw_reps: int = doc(3, "repetitions of each raw part")
+    trainer_threads: int = doc(0, "torch threads in the trainer (0 = all cores)")
+    sampler_threads: int = doc(0, "torch threads in the sampler engine (0 = all cores)")
     out: str = doc("", "write the figures as JSON here too ('' = print only)")
     log_root: str = doc("/tmp/engineroom-bench-rl", "run directories")
 
@@ -61,6 +64,8 @@ def loop_args(config: BenchConfig, mode: str, off_policy: int) -> list[str]:
         f"max_tokens={config.max_tokens}",
         f"max_steps_off_policy={off_policy}",
         f"sampler_engine={config.sampler_engine}",
+        f"trainer_threads={config.trainer_threads}",
+        f"sampler_threads={config.sampler_threads}",
         "remove_constant_groups=false",  # every step trains on the full batch
         "eval_every=0",
         "save_every=0",
@@ -70,31 +75,12 @@ def loop_args(config: BenchConfig, mode: str, off_policy: int) -> list[str]:
     ]
 
 
-def new_service(config: Any) -> Any:
-    import rl
-    from samplers.config import SamplerConfig
-    from trainers import TrainerConfig
-
-    return rl.ServiceClient(
-        trainer_config=TrainerConfig(
-            dtype=config.trainer_dtype,
-            num_threads=config.trainer_threads,
-            checkpoint_dir=f"{config.log_dir}/checkpoints",
-        ),
-        sampler_config=SamplerConfig(
-            engine=config.sampler_engine,
-            sync_mode=config.sync_mode,
-            max_model_len=config.max_context,
-        ),
-    )
-
-
 def run_loop(config: BenchConfig, mode: str, off_policy: int) -> tuple[Any, Any]:
     """Runs rl.train; returns (trainer, service), the service still open."""
-    from rl.train import Config, RLTrainer
+    from rl.train import Config, RLTrainer, make_service
 
     train_config = parse_config(Config, loop_args(config, mode, off_policy))
-    service = new_service(train_config)
+    service = make_service(train_config, f"{train_config.log_dir}/checkpoints")
     trainer = RLTrainer(train_config, service)
     trainer.run()
     return trainer, service

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Generic, TypeVar
 
 import ray
@@ -87,3 +88,29 @@ class OrderedQueue:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Turns:
+    """Tickets handed out in order; `turn(ticket)` waits until every earlier ticket's turn
+    has ended (used to finish a client's weight syncs in the order they began)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._issued = 0
+        self._done = 0
+
+    def take(self) -> int:
+        with self._cv:
+            self._issued += 1
+            return self._issued - 1
+
+    @contextlib.contextmanager
+    def turn(self, ticket: int) -> Iterator[None]:
+        with self._cv:
+            self._cv.wait_for(lambda: self._done == ticket)
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._done += 1
+                self._cv.notify_all()

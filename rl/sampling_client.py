@@ -20,12 +20,16 @@ Stops: EOS always stops unless `stop=[]`; `stop` strings or token ids stop too, 
 that completes a stop is kept in `tokens`. `temperature` is in [0, 2] (vLLM's range); 0 is
 greedy, so every one of `num_samples` is the same sequence.
 
-Weight sync (`save_weights_and_get_sampling_client`) runs on the training client's ordered
-queue, after its earlier calls. "adapter" mode loads the LoRA adapter into the running engines
-under a fresh version; "merged" mode merges it into the base weights and reloads them (the
-default on CPU, where vLLM's LoRA kernels are slow). Either way the sampler's logprobs of a
-probe sequence are compared with the trainer's before the client is returned: a sync that did
-not take effect raises `WeightSyncError`. The measured difference is in `client.sync_metrics`.
+Weight sync (`save_weights_and_get_sampling_client`) takes the weights as they are after the
+training client's earlier calls: its trainer side (export the adapter or the merged weights,
+and the trainer's logprobs of a probe sequence) runs on the client's ordered queue; the
+samplers then load the weights outside the queue, so later trainer calls need not wait for
+them (`begin_sync` / `finish_sync`; the RL loop's async mode uses that). "adapter" mode loads
+the LoRA adapter into the running engines under a fresh version; "merged" mode merges it into
+the base weights and reloads them (the default on CPU, where vLLM's LoRA kernels are slow).
+Either way the sampler's logprobs of the probe are compared with the trainer's before the
+client is returned: a sync that did not take effect raises `WeightSyncError`. The measured
+difference is in `client.sync_metrics`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import contextlib
 import json
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,18 +170,44 @@ def sampling_client_from_trainer(
 ) -> SamplingClient:
     """Pushes the training client's current weights to the samplers, checks, returns a client.
 
-    Runs after the client's earlier calls (its ordered queue) and blocks until verified.
+    The weights are those after the client's earlier calls; blocks until they are verified.
     `name` is accepted for Tinker compatibility and unused (the weights are not saved).
     """
+    return finish_sync(begin_sync(training_client, sync_mode, **kwargs).result())
+
+
+@dataclass
+class PendingSync:
+    """A sync whose trainer side is done: the weights to push and the trainer's probe
+    logprobs are Ray objects already computed (or queued first on the trainer), so the
+    trainer may go on with later calls while the samplers load them (`finish_sync`)."""
+
+    training_client: TrainingClient
+    pool: SamplerPool
+    mode: str
+    source: Any  # ObjectRef: the adapter tensors or the merged state dict
+    probe: tuple[list[int], Any] | None  # (probe tokens, ObjectRef of the trainer's forward)
+    ticket: int
+    began: float
+
+
+def begin_sync(
+    training_client: TrainingClient, sync_mode: str | None = None, **kwargs: Any
+) -> APIFuture[PendingSync]:
+    """Queues the trainer side of a sync on the client's ordered queue (after its earlier
+    calls); the future resolves as soon as the trainer work is submitted, before any
+    later call of the client runs on the trainer. Every pending sync must then be passed to
+    `finish_sync`: later syncs of the client wait for it."""
     _check_kwargs(kwargs)
     if sync_mode not in (None, "adapter", "merged"):
         raise InvalidRequestError(f"sync_mode={sync_mode!r}; expected 'adapter' or 'merged'")
     return training_client._run_in_order(
-        lambda: _sync(training_client, sync_mode)  # type: ignore[arg-type]
-    ).result()
+        lambda: _begin(training_client, sync_mode)  # type: ignore[arg-type]
+    )
 
 
-def _sync(training_client: TrainingClient, sync_mode: str | None) -> SamplingClient:
+def _begin(training_client: TrainingClient, sync_mode: str | None) -> PendingSync:
+    began = time.perf_counter()
     service = training_client.service
     config = sampler_config(service)
     trainer = training_client._actor
@@ -197,33 +228,51 @@ def _sync(training_client: TrainingClient, sync_mode: str | None) -> SamplingCli
     else:
         pool = merged_pool(service, model_dir, model_id)
         source = trainer.merged_weights.remote(model_id)
-    return push_and_verify(training_client, pool, mode, source)
+    probe = _trainer_probe(training_client, pool) if config.verify_sync else None
+    ticket = training_client._sync_turns.take()
+    return PendingSync(training_client, pool, mode, source, probe, ticket, began)
+
+
+def finish_sync(pending: PendingSync) -> SamplingClient:
+    """Loads the weights of a `begin_sync` on the samplers and checks them; syncs of one
+    training client finish in the order they began."""
+    with pending.training_client._sync_turns.turn(pending.ticket):
+        return push_and_verify(
+            pending.training_client,
+            pending.pool,
+            pending.mode,
+            pending.source,
+            probe=pending.probe,
+            began=pending.began,
+        )
 
 
 def push_and_verify(
-    training_client: TrainingClient, pool: SamplerPool, mode: str, source: Any
+    training_client: TrainingClient,
+    pool: SamplerPool,
+    mode: str,
+    source: Any,
+    probe: tuple[list[int], Any] | None = None,
+    began: float | None = None,
 ) -> SamplingClient:
     """Loads `source` (ObjectRef of the trainer's adapter or merged weights) as a new version
-    on every actor of `pool`, checks it against the trainer, and returns its client."""
+    on every actor of `pool`, checks it against the trainer's probe logprobs (`probe`, else
+    the trainer's current weights), and returns its client."""
     config = sampler_config(training_client.service)
-    start = time.perf_counter()
+    start = time.perf_counter() if began is None else began
     weights = pool.new_version(mode, training_client.model_id)
     timings = submit(pool.push(weights, source)).result()
     metrics = {"time/sync_s": time.perf_counter() - start, **_prefixed(timings)}
     if config.verify_sync:
-        metrics.update(_verify(training_client, pool, weights, config))
+        probe = probe or _trainer_probe(training_client, pool)
+        metrics.update(_verify(training_client, pool, weights, config, probe))
     return SamplingClient(pool, weights, training_client.base_model, metrics)
 
 
-def _verify(
-    training_client: TrainingClient,
-    pool: SamplerPool,
-    weights: WeightsVersion,
-    config: SamplerConfig,
-) -> dict[str, float]:
-    """Compares every sampler actor's probe logprobs with the trainer's (see samplers/sync)."""
+def _trainer_probe(training_client: TrainingClient, pool: SamplerPool) -> tuple[list[int], Any]:
+    """(probe tokens, ObjectRef of the trainer's logprobs of them) at the trainer's weights
+    as of this call (it queues on the trainer actor before any later call)."""
     assert pool.info is not None
-    start = time.perf_counter()
     tokens = probe_tokens(_tokenizer(pool), pool.info.vocab_size)
     datum = Datum.model_validate(
         {
@@ -231,7 +280,20 @@ def _verify(
             "loss_fn_inputs": {"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
         }
     )
-    trainer_ref = training_client._actor.forward.remote(training_client.model_id, [datum])
+    return tokens, training_client._actor.forward.remote(training_client.model_id, [datum])
+
+
+def _verify(
+    training_client: TrainingClient,
+    pool: SamplerPool,
+    weights: WeightsVersion,
+    config: SamplerConfig,
+    probe: tuple[list[int], Any],
+) -> dict[str, float]:
+    """Compares every sampler actor's probe logprobs with the trainer's (see samplers/sync)."""
+    assert pool.info is not None
+    start = time.perf_counter()
+    tokens, trainer_ref = probe
     request = build_request(
         tokens, 1, SamplingParams(max_tokens=1, temperature=0.0), pool.info,
         include_prompt_logprobs=True, weights=weights,
@@ -354,4 +416,11 @@ def _then(future: APIFuture[Any], fn: Any) -> Any:
     return out
 
 
-__all__ = ["SamplingClient", "create_sampling_client", "sampling_client_from_trainer"]
+__all__ = [
+    "PendingSync",
+    "SamplingClient",
+    "begin_sync",
+    "create_sampling_client",
+    "finish_sync",
+    "sampling_client_from_trainer",
+]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rl.errors import InvalidRequestError
-from rl.futures import APIFuture, OrderedQueue, ray_get
+from rl.futures import APIFuture, OrderedQueue, Turns, ray_get
 from rl.types import (
     AdamParams,
     Datum,
@@ -49,6 +49,7 @@ class TrainingClient:
         self._actor = actor
         self._info = info
         self._queue = OrderedQueue(f"client-{model_id}")
+        self._sync_turns = Turns()  # weight syncs finish in the order they began
         self._tokenizer: Any = None
 
     # -- training ----------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class SamplerActor:
         self._adapters: dict[int, _Adapter] = {}
         self._merged: WeightsVersion = BASE
         self._served = 0
+        self._deferred_unloads = 0  # versions retired while requests still used them
 
     def ready(self) -> tuple[str, EngineInfo]:
         return self.incarnation, self._engine.info
@@ -114,6 +115,8 @@ class SamplerActor:
                 other.retired = True
                 if other.inflight == 0:
                     await self._unload(other)
+                else:
+                    self._deferred_unloads += 1
         # Cache keys include the adapter name, so no stale hit is possible; the reset only
         # frees blocks, and vLLM refuses it while requests hold blocks (harmless then).
         await asyncio.to_thread(self._engine.reset_prefix_cache)
@@ -144,6 +147,7 @@ class SamplerActor:
         return {
             "incarnation": self.incarnation,
             "served": self._served,
+            "deferred_unloads": self._deferred_unloads,
             "adapters": {
                 v: (a.weights.model_id, a.inflight, a.retired) for v, a in self._adapters.items()
             },

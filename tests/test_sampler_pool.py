@@ -6,13 +6,21 @@ tiny model (fast to start and restart); tests/test_sampler_vllm.py covers the vL
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import ray
 
 from rl.errors import CheckpointError, InvalidRequestError, NotFoundError, WeightSyncError
-from rl.sampling_client import SamplingClient, merged_pool, push_and_verify, shared_pool
+from rl.sampling_client import (
+    SamplingClient,
+    begin_sync,
+    finish_sync,
+    merged_pool,
+    push_and_verify,
+    shared_pool,
+)
 from rl.types import AdamParams, Datum, ModelInput, SamplingParams
 from samplers.config import SamplerConfig
 
@@ -169,6 +177,33 @@ def test_stale_sync_raises(sampling_service, tiny_model):
         )
 
 
+def test_sync_takes_the_weights_at_its_place_in_the_queue(sampling_service, tiny_model):
+    """The trainer may go on while the samplers load a sync (`begin_sync` / `finish_sync`):
+    the samplers still get the weights as of the sync, and the check still passes."""
+    training_client = sampling_service.create_lora_training_client(tiny_model, rank=8, seed=10)
+    train_step(training_client, SEQUENCE)
+    pending = begin_sync(training_client, "merged").result()
+    expected = trainer_logprobs(training_client, SEQUENCE)  # queued after the sync's export
+    train_step(training_client, SEQUENCE)  # the trainer moves on before the samplers load
+    client = finish_sync(pending)
+    assert sampler_logprobs(client, SEQUENCE) == pytest.approx(expected, abs=1e-4)
+    latest = trainer_logprobs(training_client, SEQUENCE)
+    assert abs(sum(latest) - sum(expected)) > 1e-3
+    # Syncs of one client finish in the order they began: the second waits for the first.
+    first = begin_sync(training_client, "merged").result()
+    second = begin_sync(training_client, "merged").result()
+    finished: list[SamplingClient] = []
+    waiter = threading.Thread(target=lambda: finished.append(finish_sync(second)))
+    waiter.start()
+    waiter.join(timeout=2.0)
+    assert waiter.is_alive() and not finished
+    older = finish_sync(first)
+    waiter.join(timeout=120)
+    (newer,) = finished
+    assert newer.weights.version > older.weights.version
+    assert sampler_logprobs(newer, SEQUENCE) == pytest.approx(latest, abs=1e-4)
+
+
 def test_sample_from_saved_checkpoint(sampling_service, tiny_model):
     training_client = sampling_service.create_lora_training_client(tiny_model, rank=8, seed=6)
     train_step(training_client, SEQUENCE)
@@ -253,12 +288,17 @@ def test_old_version_serves_its_running_requests(sampling_service, tiny_model):
     training_client = sampling_service.create_lora_training_client(tiny_model, rank=8, seed=9)
     train_step(training_client, SEQUENCE)
     old = training_client.save_weights_and_get_sampling_client(sync_mode="adapter")
-    params = [SamplingParams(max_tokens=32, seed=i) for i in range(60)]
+    params = [SamplingParams(max_tokens=32, seed=i) for i in range(120)]
     reference = [old.sample(PROMPT, 1, params[i]).result().sequences[0].tokens for i in range(4)]
     train_step(training_client, SEQUENCE)  # the old client still samples version 1
+    handles = old._pool.actor_handles()
+    deferred_before = sum(ray.get(h.held.remote())["deferred_unloads"] for h in handles)
     futures = [old.sample(PROMPT, 1, p) for p in params]
     new = training_client.save_weights_and_get_sampling_client(sync_mode="adapter")
-    assert not all(f.done() for f in futures), "the sync did not overlap the requests"
+    # The overlap is recorded by the actors when the new version arrives (the sync itself
+    # returns only after its probe requests, which may queue behind these).
+    deferred = sum(ray.get(h.held.remote())["deferred_unloads"] for h in handles)
+    assert deferred > deferred_before, "the sync did not overlap the requests"
     results = [f.result(timeout=120).sequences[0].tokens for f in futures]
     assert results[:4] == reference
     assert new.sample(PROMPT, 1, params[0]).result().sequences[0].tokens != reference[0]
