@@ -388,16 +388,14 @@ class LoraTrainer:
             logits = lm_head(hidden[mask.bool()]).float()  # [tokens of the bucket, V]
             if self._softcap:
                 logits = torch.tanh(logits / self._softcap) * self._softcap
-            log_norm = torch.logsumexp(logits, dim=-1)
-            rows = torch.split(logits, [lengths[i] for i in bucket])
-            norms = torch.split(log_norm, [lengths[i] for i in bucket])
+            # log_softmax, not logits - logsumexp: its fused kernels (forward and backward)
+            # take less than half the time on CPU, ~8% of a whole step for SmolLM2.
+            rows = torch.split(torch.log_softmax(logits, dim=-1), [lengths[i] for i in bucket])
             picked = []
-            for i, row_logits, row_norm in zip(bucket, rows, norms, strict=True):
+            for i, row_logprobs in zip(bucket, rows, strict=True):
                 targets = batch.datums[i].inputs["target_tokens"].to(self.device)
                 flat = targets.reshape(lengths[i], -1)
-                picked.append(
-                    (row_logits.gather(-1, flat) - row_norm[:, None]).reshape(targets.shape)
-                )
+                picked.append(row_logprobs.gather(-1, flat).reshape(targets.shape))
             yield bucket, picked
 
     def _loss(
