@@ -75,15 +75,18 @@ def loop_args(config: BenchConfig, mode: str, off_policy: int) -> list[str]:
     ]
 
 
-def run_loop(config: BenchConfig, mode: str, off_policy: int) -> tuple[Any, Any]:
-    """Runs rl.train; returns (trainer, service), the service still open."""
+def run_mode(config: BenchConfig, mode: str, off_policy: int) -> tuple[dict[str, float], ...]:
+    """Runs rl.train, then the raw parts on its trainer and engine: (phase means, raw parts)."""
     from rl.train import Config, RLTrainer, make_service
 
     train_config = parse_config(Config, loop_args(config, mode, off_policy))
-    service = make_service(train_config, f"{train_config.log_dir}/checkpoints")
-    trainer = RLTrainer(train_config, service)
-    trainer.run()
-    return trainer, service
+    service = make_service(train_config)
+    try:
+        trainer = RLTrainer(train_config, service)
+        trainer.run()
+        return phase_means(trainer.history), raw_parts(trainer, config.raw_reps)
+    finally:
+        service.close()
 
 
 def phase_means(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -96,7 +99,7 @@ async def raw_generation(trainer: Any, client: Any, step: int) -> float:
     """The batch's prompts sampled with bare `sample` calls, all in flight at once."""
     from rl.rollouts import RolloutConfig
     from rl.train import batch_builders
-    from rl.types import ModelInput, SamplingParams
+    from rl.types import ModelInput
 
     builders = batch_builders(trainer.train_data, step)
     prompts = []
@@ -111,7 +114,7 @@ async def raw_generation(trainer: Any, client: Any, step: int) -> float:
             client.sample(
                 ModelInput.from_ints(obs),
                 n,
-                SamplingParams(max_tokens=rollout.max_tokens, temperature=1.0, stop=stop),
+                rollout.sampling_params(stop),
             )
             for obs, stop, n in prompts
         )
@@ -165,20 +168,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     load_before = os.getloadavg()
     try:
-        sync_trainer, service = run_loop(config, "sync", 0)
-        try:
-            sync = phase_means(sync_trainer.history)
-            raw = raw_parts(sync_trainer, config.raw_reps)
-        finally:
-            service.close()
-        async_trainer, service = run_loop(config, "async", 1)
-        try:
-            asynchronous = phase_means(async_trainer.history)
-            # Raw parts again, right after the async run: load drift on a shared machine
-            # shows up as a difference between the two raw measurements.
-            raw_after = raw_parts(async_trainer, config.raw_reps)
-        finally:
-            service.close()
+        sync, raw = run_mode(config, "sync", 0)
+        # Raw parts again, right after the async run: load drift on a shared machine shows
+        # up as a difference between the two raw measurements.
+        asynchronous, raw_after = run_mode(config, "async", 1)
     finally:
         ray.shutdown()
     raw_sum = raw["raw/generation_s"] + raw["raw/train_s"] + raw["raw/sync_s"]

@@ -162,12 +162,9 @@ def _fmt(values: list[float]) -> str:
 
 
 def datum(tokens: list[int]) -> Any:
-    from rl.types import Datum, ModelInput
+    from rl.data import supervised_datum
 
-    return Datum(
-        model_input=ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
-    )
+    return supervised_datum(tokens, [1.0] * len(tokens))
 
 
 def logprob_agreement(
@@ -187,7 +184,7 @@ def logprob_agreement(
 
 def service_for(config: Config, dtype: str) -> Any:
     import rl
-    from samplers.config import SamplerConfig
+    from samplers.config import SamplerConfig, vllm_lora_rank
     from trainers import TrainerConfig
 
     return rl.ServiceClient(
@@ -197,7 +194,7 @@ def service_for(config: Config, dtype: str) -> Any:
             dtype=dtype,
             num_threads=config.threads,
             kv_cache_gib=config.kv_cache_gib,
-            max_lora_rank=max(config.rank, 8),
+            max_lora_rank=vllm_lora_rank(config.rank),
             # Measure, do not judge: the probe check's verdict is tested elsewhere.
             sync_tolerance=1.0,
         ),

@@ -74,7 +74,7 @@ def build_datasets(
     renderer: ChatRenderer,
     batch_size: int,
     group_size: int,
-    num_batches: int = 100,
+    num_batches: int = 500,
     level: int = 2,
     seed: int = 0,
     num_test: int = 64,

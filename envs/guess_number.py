@@ -143,7 +143,7 @@ def build_datasets(
     renderer: ChatRenderer,
     batch_size: int,
     group_size: int,
-    num_batches: int = 100,
+    num_batches: int = 500,
     seed: int = 0,
     num_test: int = 32,
     max_turns: int = 8,

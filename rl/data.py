@@ -29,7 +29,7 @@ def check_observation_fits(tokens: Sequence[int], max_context: int, max_tokens: 
     if len(tokens) + max_tokens > max_context:
         raise InvalidRequestError(
             f"observation of {len(tokens)} tokens + max_tokens={max_tokens} exceeds the "
-            f"model's context of {max_context} tokens"
+            f"context of {max_context} tokens"
         )
 
 

@@ -36,6 +36,7 @@ from envs.base import (
     TrajectoryGroup,
     Transition,
 )
+from rl.data import check_observation_fits
 from rl.errors import InvalidRequestError
 from rl.types import ModelInput, SampledSequence, SamplingParams
 
@@ -259,13 +260,10 @@ def _env_error(error: BaseException, where: str) -> EnvError:
 
 
 def _check_fits(observation: list[int], config: RolloutConfig) -> None:
-    if len(observation) + config.max_tokens > config.max_context:
-        raise _Failed(
-            EnvError(
-                f"observation of {len(observation)} tokens + max_tokens={config.max_tokens} "
-                f"exceeds the context of {config.max_context} tokens"
-            )
-        )
+    try:
+        check_observation_fits(observation, config.max_context, config.max_tokens)
+    except InvalidRequestError as error:
+        raise _Failed(EnvError(str(error))) from None
 
 
 def _transition(observation: list[int], action: SampledSequence, result: Any) -> Transition:

@@ -75,7 +75,6 @@ class SamplingClient:
         self.weights = weights
         self._base_model = base_model
         self.sync_metrics: dict[str, float] = dict(sync_metrics or {})
-        self._tokenizer: Any = None
 
     def sample(
         self,
@@ -115,11 +114,7 @@ class SamplingClient:
         return self._base_model
 
     def get_tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self._pool.model_dir)
-        return self._tokenizer
+        return _tokenizer(self._pool)
 
 
 # -- construction -------------------------------------------------------------------------

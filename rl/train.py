@@ -200,24 +200,24 @@ class Config:
         return {key: value for key, value in values.items() if value is not None}
 
 
-def make_service(config: Config, checkpoint_dir: str) -> Any:
+def make_service(config: Config) -> Any:
     """The ServiceClient (trainer and sampler settings) that a run of `config` uses."""
     import rl
-    from samplers.config import SamplerConfig
+    from samplers.config import SamplerConfig, vllm_lora_rank
     from trainers import TrainerConfig
 
     return rl.ServiceClient(
         trainer_config=TrainerConfig(
             dtype=config.trainer_dtype,
             num_threads=config.trainer_threads,
-            checkpoint_dir=checkpoint_dir,
+            checkpoint_dir=str(checkpoint_root(config.log_dir)),
         ),
         sampler_config=SamplerConfig(
             engine=config.sampler_engine,
             sync_mode=config.sync_mode,
             enforce_eager=config.enforce_eager,
             max_model_len=config.max_context,
-            max_lora_rank=_vllm_rank(config.rank),
+            max_lora_rank=vllm_lora_rank(config.rank),
             num_threads=config.sampler_threads,
         ),
     )
@@ -253,9 +253,6 @@ def build_datasets(config: Config, renderer: ChatRenderer) -> tuple[RLDataset, R
     except (ImportError, AttributeError) as e:
         raise InvalidRequestError(f"env={config.env!r}: cannot load {target!r}: {e}") from None
     kwargs = parse_env_args(config.env_args)
-    if config.env in ("arithmetic", "guess_number"):
-        # Fixed, not num_steps: the data order must not change when a resumed run extends it.
-        kwargs.setdefault("num_batches", 500)
     try:
         datasets = fn(
             renderer,
@@ -405,7 +402,7 @@ class RLTrainer:
             may_differ=RESUMABLE_KEYS,
         )
         if self.service is None:
-            self.service = make_service(config, str(checkpoint_root(self.run_dir)))
+            self.service = make_service(config)
         service = self.service
         if record is None:
             self.client = service.create_lora_training_client(
@@ -463,11 +460,8 @@ class RLTrainer:
     async def _run(self, start: int) -> None:
         config = self.config
         t0 = time.perf_counter()
-        sync_start = time.perf_counter()
         policy = _Policy(await self._sync(), start)
-        print(
-            f"sampler started, weights synced: {time.perf_counter() - sync_start:.1f}s", flush=True
-        )
+        print(f"sampler started, weights synced: {time.perf_counter() - t0:.1f}s", flush=True)
         if start == 0 or start >= config.num_steps:
             await self._eval(start, policy.client, label="baseline" if start == 0 else "final")
         if start >= config.num_steps:
@@ -514,8 +508,7 @@ class RLTrainer:
                     metrics["time/sync_hidden_s"] = hidden.get("time/sync_s", 0.0) + hidden.get(
                         "time/sync_verify_s", 0.0
                     )
-                mode = None if config.sync_mode == "auto" else config.sync_mode
-                pending = await asyncio.to_thread(begin_sync(self.client, mode).result)
+                pending = await asyncio.to_thread(begin_sync(self.client, self._sync_mode).result)
                 loading = asyncio.create_task(publish(pending, done))
                 # Async mode trains the next batch while the samplers load these weights,
                 # unless this step ends with an eval (which samples them) or ends the run.
@@ -542,16 +535,14 @@ class RLTrainer:
                 metrics.update(self._pending)
                 self._pending = {}
                 last_end = now
-                if config.save_every and (
-                    done % config.save_every == 0 or done == config.num_steps
+                if done == config.num_steps or (
+                    config.save_every and done % config.save_every == 0
                 ):
                     await asyncio.to_thread(self._save, done)
                 if evaluating:
                     metrics.update(await self._eval(done, new_client))
                 self.logger.log(step, metrics)
                 self.history.append({"step": step, **metrics})
-                if not config.save_every and done == config.num_steps:
-                    await asyncio.to_thread(self._save, done)
         finally:
             if not producer.done():
                 producer.cancel()
@@ -562,10 +553,15 @@ class RLTrainer:
             f"done: {config.num_steps - start} steps in {time.perf_counter() - t0:.0f}s", flush=True
         )
 
+    @property
+    def _sync_mode(self) -> str | None:
+        return None if self.config.sync_mode == "auto" else self.config.sync_mode
+
     async def _sync(self) -> Any:
         """Pushes the current weights to the samplers; returns the client that samples them."""
-        mode = None if self.config.sync_mode == "auto" else self.config.sync_mode
-        return await self.client.save_weights_and_get_sampling_client_async(sync_mode=mode)
+        return await self.client.save_weights_and_get_sampling_client_async(
+            sync_mode=self._sync_mode
+        )
 
     async def _train_step(self, step: int, batch: RolloutBatch, sample_s: float) -> dict[str, Any]:
         config = self.config
@@ -692,13 +688,6 @@ async def _next(queue: asyncio.Queue, producer: asyncio.Task) -> Any:
 def _split(items: list[Datum], n: int) -> list[list[Datum]]:
     size = math.ceil(len(items) / n)
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _vllm_rank(rank: int) -> int:
-    """The smallest vLLM-accepted max_lora_rank that holds `rank`."""
-    from samplers.config import VLLM_LORA_RANKS
-
-    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
 
 
 def main(argv: Sequence[str] | None = None, service: Any = None) -> RLTrainer:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import os
 import shutil
 import tempfile
@@ -62,19 +61,17 @@ class SamplerActor:
 
     async def sample(self, request: SampleRequest) -> SampleResponse:
         adapter = self._holding(request.weights)
-        if adapter is None:
-            response = await self._engine.sample(request)
-            self._served += 1
-            return response
-        adapter.inflight += 1
+        if adapter is not None:
+            adapter.inflight += 1
         try:
-            response = await self._engine.sample(request, adapter.path)
+            response = await self._engine.sample(request, adapter.path if adapter else None)
             self._served += 1
             return response
         finally:
-            adapter.inflight -= 1
-            if adapter.retired and adapter.inflight == 0:
-                await self._unload(adapter)
+            if adapter is not None:
+                adapter.inflight -= 1
+                if adapter.retired and adapter.inflight == 0:
+                    await self._unload(adapter)
 
     def _holding(self, weights: WeightsVersion) -> _Adapter | None:
         """The adapter serving `weights` (None for base/merged); raises if not held."""
@@ -102,7 +99,10 @@ class SamplerActor:
         else:
             adapter_config, tensors = source
             path = str(self._dir / f"v{weights.version}")
-            await asyncio.to_thread(write_peft_adapter, path, adapter_config, tensors)
+            # Imported here: `trainers` pulls in peft, which only adapter pushes need.
+            from trainers.checkpoints import write_peft_files
+
+            await asyncio.to_thread(write_peft_files, Path(path), adapter_config, tensors)
             owned = True
         written = time.perf_counter()
         await asyncio.to_thread(self._engine.load_adapter, weights.version, path)
@@ -153,23 +153,6 @@ class SamplerActor:
             },
             "merged": self._merged,
         }
-
-
-def write_peft_adapter(
-    path: str, adapter_config: dict[str, Any], tensors: dict[str, torch.Tensor]
-) -> None:
-    """Writes a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    from safetensors.torch import save_file
-
-    target = Path(path)
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "adapter_config.json").write_text(json.dumps(adapter_config))
-    # Keys as PEFT saves them: without the adapter name ("lora_A.default.weight" -> "lora_A.weight").
-    clean = {
-        key.replace(".default.", "."): tensor.detach().to("cpu").contiguous()
-        for key, tensor in tensors.items()
-    }
-    save_file(clean, str(target / "adapter_model.safetensors"))
 
 
 def _adapter_dir() -> Path:

@@ -9,6 +9,7 @@ reads the engine fields. From a command line: `rl.cli.parse_config(SamplerConfig
 from __future__ import annotations
 
 import importlib.util
+import os
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +22,11 @@ LogprobsMode = Literal["model", "sampled"]
 
 # vLLM accepts only these LoRA ranks as `max_lora_rank` (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest vLLM-accepted max_lora_rank that holds `rank`."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,10 @@ class SamplerConfig:
 
     actor_ready_timeout_s: float = 600.0
     """How long to wait for an actor (engine start) before giving up."""
+
+    def resolved_threads(self) -> int:
+        """torch threads per engine: `num_threads`, or every core of this machine."""
+        return self.num_threads or os.cpu_count() or 1
 
     def __post_init__(self) -> None:
         checks = {

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import os
 import queue
 import random
 import threading
@@ -45,7 +44,7 @@ class TorchEngine:
     def _load(self, model_dir: str, config: SamplerConfig) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        torch.set_num_threads(config.resolved_threads())
         dtype: Any = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.eval()
@@ -114,12 +113,13 @@ class TorchEngine:
         reasons: list[Literal["stop", "length"] | None] = [None] * n
         for step in range(request.max_tokens):
             token, token_logprobs = _sample_step(next_logits, params, generator)
+            chosen, chosen_logprobs = token.tolist(), token_logprobs.tolist()
             for i in range(n):
                 if reasons[i] is not None:
                     continue
-                tokens[i].append(int(token[i]))
-                logprobs[i].append(float(token_logprobs[i]))
-                if int(token[i]) in stop_ids or self._hit_stop_string(tokens[i], stop_strings):
+                tokens[i].append(chosen[i])
+                logprobs[i].append(chosen_logprobs[i])
+                if chosen[i] in stop_ids or self._hit_stop_string(tokens[i], stop_strings):
                     reasons[i] = "stop"
             if all(r is not None for r in reasons) or step == request.max_tokens - 1:
                 break
@@ -276,7 +276,6 @@ def _sample_step(
     logits: torch.Tensor, params: Any, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws one token per row; returns (tokens [B], their logprobs [B]) per logprobs_mode."""
-    model_logprobs = torch.log_softmax(logits, dim=-1)
     if params.temperature == 0:
         token = torch.argmax(logits, dim=-1)
         sampled_logprobs = torch.zeros(token.shape)  # a point mass
@@ -288,7 +287,7 @@ def _sample_step(
         sampled_logprobs = processed.gather(-1, token.view(-1, 1)).view(-1)
     if params.logprobs_mode == "sampled":
         return token, sampled_logprobs
-    return token, model_logprobs.gather(-1, token.view(-1, 1)).view(-1)
+    return token, torch.log_softmax(logits, dim=-1).gather(-1, token.view(-1, 1)).view(-1)
 
 
 def _prompt_logprobs(logits: torch.Tensor, request: SampleRequest) -> SampleResponse:

@@ -125,7 +125,7 @@ class VLLMEngine:
 
         on_gpu = torch.cuda.is_available()
         # Before vLLM starts: its CPU worker disables torch.set_num_threads afterwards.
-        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        torch.set_num_threads(config.resolved_threads())
         hf_config = AutoConfig.from_pretrained(model_dir)
         # Merged syncs may change the output head alone; give it its own weight.
         untie = not enable_lora and bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -332,17 +332,8 @@ class VLLMEngine:
                 elif not self._add_part(command, part):
                     return
         elif isinstance(command, _Abort):
-            ids = [
-                rid
-                for rid, add in self._running.items()
-                if add.request.request_id == command.request_id
-            ]
-            for rid in ids:
-                del self._running[rid]
-            if ids:
-                self._engine.abort_request(ids)
-            if self._exclusive_running in ids:
-                self._exclusive_running = None
+            request_id = command.request_id
+            self._abort(lambda add: add.request.request_id == request_id)
         elif isinstance(command, _Call):
             try:
                 command.future.set_result(command.fn())
@@ -368,7 +359,11 @@ class VLLMEngine:
 
     def _drop(self, add: _Add) -> None:
         """Aborts the other parts of a failed call."""
-        ids = [rid for rid, other in self._running.items() if other is add]
+        self._abort(lambda other: other is add)
+
+    def _abort(self, matches: Callable[[_Add], bool]) -> None:
+        """Aborts every running part whose call `matches`."""
+        ids = [rid for rid, add in self._running.items() if matches(add)]
         for rid in ids:
             del self._running[rid]
         if ids:

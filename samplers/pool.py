@@ -23,10 +23,9 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
-import os
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -130,8 +129,7 @@ class SamplerPool:
         # Ray gives each worker OMP_NUM_THREADS = its CPU reservation; OpenMP reads it when
         # torch loads, before the actor runs, and vLLM's CPU kernels then run ~20% slower
         # than with all cores even after torch.set_num_threads. So it is set here.
-        threads = config.num_threads or os.cpu_count() or 1
-        env = {**engine_env(), "OMP_NUM_THREADS": str(threads)}
+        env = {**engine_env(), "OMP_NUM_THREADS": str(config.resolved_threads())}
         gpus = config.num_gpus_per_actor
         if gpus is None:
             gpus = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -186,17 +184,10 @@ class SamplerPool:
         is back. Waits for at least one live actor; raises if none answers.
         """
         await self._pick()
-        live = [slot for slot in self._slots if slot.live]
-        results = await asyncio.gather(
-            *(self._sample_on(slot, request) for slot in live), return_exceptions=True
-        )
-        answers = [r for r in results if not isinstance(r, RayActorError)]
-        for result in answers:
-            if isinstance(result, BaseException):
-                raise result
+        answers = await self._on_each_live(lambda slot: self._sample_on(slot, request))
         if not answers:
             raise SamplerUnavailableError(f"every sampler actor of {self.label} died meanwhile")
-        return answers  # type: ignore[return-value]
+        return answers
 
     async def _sample_on(self, slot: _Slot, request: SampleRequest) -> SampleResponse:
         for _ in range(3):
@@ -302,19 +293,24 @@ class SamplerPool:
     async def push(self, weights: WeightsVersion, source: Any) -> dict[str, float]:
         """Registers `weights` and loads them on every live actor; returns timings."""
         self.register(weights, source)
-        live = [slot for slot in self._slots if slot.live]
-        results = await asyncio.gather(
-            *(self._push_to(slot, weights) for slot in live), return_exceptions=True
-        )
+        # An actor that died is left out: it gets the weights when it is back.
         timings: dict[str, float] = {}
-        for _slot, result in zip(live, results, strict=True):
-            if isinstance(result, RayActorError):
-                continue  # it gets the weights when it is back
-            if isinstance(result, BaseException):
-                raise result
+        for result in await self._on_each_live(lambda slot: self._push_to(slot, weights)):
             for key, value in result.items():
                 timings[key] = max(timings.get(key, 0.0), value)
         return timings
+
+    async def _on_each_live(self, call: Callable[[_Slot], Awaitable[T]]) -> list[T]:
+        """`call` on every live actor at once: the results of those that did not die
+        meanwhile; any other error is raised."""
+        results = await asyncio.gather(
+            *(call(slot) for slot in self._slots if slot.live), return_exceptions=True
+        )
+        answers = [r for r in results if not isinstance(r, RayActorError)]
+        for result in answers:
+            if isinstance(result, BaseException):
+                raise result
+        return answers  # type: ignore[return-value]
 
     async def _push_to(self, slot: _Slot, weights: WeightsVersion) -> dict[str, float]:
         """Loads `weights` (the newest merged ones for a merged request) on one actor, once."""

@@ -68,11 +68,11 @@ def check_sync(
     """
     if not new.samplers:
         raise WeightSyncError(f"weight sync of {what}: no sampler answered the probe")
-    diff_mean = max(mean_abs_diff(s, new.trainer) for s in new.samplers)
+    mismatches = [mean_abs_diff(s, new.trainer) for s in new.samplers]
     diff_max = max(max_abs_diff(s, new.trainer) for s in new.samplers)
-    for index, sampler in enumerate(new.samplers):
-        mismatch = mean_abs_diff(sampler, new.trainer)
-        stale = previous is not None and _did_not_move(sampler, new.trainer, previous)
+    stale_from = None if previous is None else _stale_bound(new.trainer, previous)
+    for index, (sampler, mismatch) in enumerate(zip(new.samplers, mismatches, strict=True)):
+        stale = stale_from is not None and mismatch >= stale_from
         if mismatch > tolerance or stale:
             reason = (
                 "the sampler still answers with the previous weights"
@@ -84,19 +84,19 @@ def check_sync(
                 f"{reason} (mean |sampler - trainer| logprob difference on the probe = "
                 f"{mismatch:.3g} nats, tolerance {tolerance:.3g})"
             )
-    return {"sync/logprob_diff_mean": diff_mean, "sync/logprob_diff_max": diff_max}
+    return {"sync/logprob_diff_mean": max(mismatches), "sync/logprob_diff_max": diff_max}
 
 
-def _did_not_move(sampler: list[float], trainer: list[float], previous: ProbeScores) -> bool:
+def _stale_bound(trainer: list[float], previous: ProbeScores) -> float | None:
+    """The sampler-trainer difference from which a sampler counts as still serving the
+    previous weights; None when the trainer hardly moved (nothing to tell apart)."""
     noise = max(
         max(mean_abs_diff(s, previous.trainer) for s in previous.samplers),
         1e-6,
     )
-    trainer_moved = mean_abs_diff(trainer, previous.trainer)
-    if trainer_moved <= 3 * noise:
-        return False  # the weights hardly changed: nothing to tell apart
-    before = mean_abs_diff(previous.samplers[0], trainer)
-    return mean_abs_diff(sampler, trainer) >= 0.5 * before
+    if mean_abs_diff(trainer, previous.trainer) <= 3 * noise:
+        return None
+    return 0.5 * mean_abs_diff(previous.samplers[0], trainer)
 
 
 def _same(a: list[float], b: list[float]) -> bool:

@@ -59,6 +59,16 @@ class LoadedCheckpoint:
     optimizer: dict[str, Any] | None
 
 
+def write_peft_files(
+    directory: Path, adapter_config: dict[str, Any], weights: dict[str, torch.Tensor]
+) -> None:
+    """A standard PEFT adapter: `adapter_config.json` + `adapter_model.safetensors` (keys as
+    PEFT saves them, which `lora.adapter_state_dict` gives)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / ADAPTER_WEIGHTS))
+
+
 def write_checkpoint(
     path: Path,
     meta: CheckpointMeta,
@@ -73,8 +83,7 @@ def write_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / ADAPTER_WEIGHTS))
+        write_peft_files(tmp, adapter_config, weights)
         if optimizer is not None:
             torch.save(optimizer, tmp / OPTIMIZER)
         (tmp / METADATA).write_text(json.dumps(meta.to_json(), indent=2))
