@@ -19,6 +19,7 @@ import ray
 
 from rl.errors import InvalidRequestError
 from rl.futures import APIFuture, ray_get
+from rl.resources import Reservation
 from rl.training_client import TrainingClient
 from rl.types import LoraConfig
 from trainers.actor import start_trainer_actor
@@ -44,6 +45,7 @@ class ServiceClient:
         self.session_id = uuid.uuid4().hex[:12]
         self._owns_ray = _connect_ray(address, num_cpus, namespace, ray_init_kwargs)
         self._trainers: dict[str, Any] = {}
+        self._reservations: list[Reservation] = []
         self._sampler_pools: dict[str, Any] = {}
         self._model_seq = itertools.count()
         self._lock = threading.Lock()
@@ -60,8 +62,13 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         user_metadata: dict[str, str] | None = None,
+        *,
+        model_id: str | None = None,
     ) -> TrainingClient:
-        """A new LoRA adapter on `base_model`, with its own optimizer and ordered queue."""
+        """A new LoRA adapter on `base_model`, with its own optimizer and ordered queue.
+
+        `model_id`: the id to give it (the HTTP server passes the one Tinker clients derive);
+        by default `<session>:train:<n>`."""
         lora_config = LoraConfig(
             rank=rank,
             seed=seed,
@@ -70,7 +77,7 @@ class ServiceClient:
             train_unembed=train_unembed,
         )
         actor = self._trainer_for(base_model)
-        model_id = self._next_model_id()
+        model_id = model_id or self._next_model_id()
         info = ray_get(actor.create_adapter.remote(model_id, lora_config))
         return self._register(TrainingClient(self, actor, model_id, base_model, info))
 
@@ -78,16 +85,16 @@ class ServiceClient:
         return await _in_thread(self.create_lora_training_client, *args, **kwargs)
 
     def create_training_client_from_state(
-        self, path: str, base_model: str | None = None
+        self, path: str, base_model: str | None = None, *, model_id: str | None = None
     ) -> TrainingClient:
         """A new training client holding the weights saved at `path`, with a fresh optimizer."""
-        return self._from_state(path, base_model, with_optimizer=False)
+        return self._from_state(path, base_model, with_optimizer=False, model_id=model_id)
 
     def create_training_client_from_state_with_optimizer(
-        self, path: str, base_model: str | None = None
+        self, path: str, base_model: str | None = None, *, model_id: str | None = None
     ) -> TrainingClient:
         """A new training client resuming exactly: weights, Adam moments and step count."""
-        return self._from_state(path, base_model, with_optimizer=True)
+        return self._from_state(path, base_model, with_optimizer=True, model_id=model_id)
 
     # -- sampling clients (implemented in rl.sampling_client) ---------------------------------
 
@@ -110,8 +117,11 @@ class ServiceClient:
             close = getattr(pool, "close", None)
             if close is not None:
                 close()
+        for reservation in self._reservations:
+            reservation.release()
         self._trainers.clear()
         self._sampler_pools.clear()
+        self._reservations.clear()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 
@@ -128,8 +138,13 @@ class ServiceClient:
             raise InvalidRequestError(f"base_model must be a non-empty string, got {base_model!r}")
         with self._lock:
             if base_model not in self._trainers:
-                actor = start_trainer_actor(base_model, self.trainer_config)
-                ray_get(actor.base_model_path.remote())  # surfaces a bad model name here
+                actor, reservation = start_trainer_actor(base_model, self.trainer_config)
+                try:
+                    ray_get(actor.base_model_path.remote())  # surfaces a bad model name here
+                except BaseException:
+                    reservation.release()
+                    raise
+                self._reservations.append(reservation)
                 self._trainers[base_model] = actor
             return self._trainers[base_model]
 
@@ -138,11 +153,11 @@ class ServiceClient:
         return f"{self.session_id}:train:{next(self._model_seq)}"
 
     def _from_state(
-        self, path: str, base_model: str | None, with_optimizer: bool
+        self, path: str, base_model: str | None, with_optimizer: bool, model_id: str | None = None
     ) -> TrainingClient:
         meta = read_checkpoint(path, with_optimizer=False).meta
         actor = self._trainer_for(base_model or meta.base_model)
-        model_id = self._next_model_id()
+        model_id = model_id or self._next_model_id()
         info = ray_get(actor.create_adapter_from_state.remote(model_id, str(path), with_optimizer))
         return self._register(
             TrainingClient(self, actor, model_id, base_model or meta.base_model, info)
