@@ -1,0 +1,87 @@
+"""A Tinker-compatible HTTP server over engineroom's engine: the official `tinker` SDK and
+tinker-cookbook run against it unmodified.
+
+    python -m rl.server                       # prints TINKER_BASE_URL and, the first time, a key
+    export TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-...
+    python my_tinker_script.py                # `import tinker`, unchanged
+
+Layout: `app.py` (routes), `state.py` (sessions, models, samplers, per-model order),
+`futures.py` (request futures, seq_id ordering), `store.py` (durable runs and checkpoints),
+`wire.py` (protobuf and JSON <-> engineroom records), `keys.py` (API keys), `config.py`.
+The training and sampling are the in-process client API's (`rl.ServiceClient`): the server
+adds names, order, tenancy and the wire, not a second engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rl.server.config import ServerConfig
+
+
+def build_service(config: ServerConfig) -> Any:
+    """The ServiceClient the server drives: an embedded Ray, or RAY_ADDRESS's cluster."""
+    import rl
+    from samplers.config import SamplerConfig
+    from trainers import TrainerConfig
+
+    return rl.ServiceClient(
+        trainer_config=TrainerConfig(
+            dtype=config.trainer_dtype,  # type: ignore[arg-type]
+            num_threads=config.trainer_threads,
+            checkpoint_dir=str(config.resolved_checkpoint_dir()),
+        ),
+        sampler_config=SamplerConfig(
+            engine=config.sampler_engine,  # type: ignore[arg-type]
+            num_threads=config.sampler_threads,
+            dtype=config.sampler_dtype,
+            sync_mode=config.sync_mode,  # type: ignore[arg-type]
+            max_model_len=config.max_context_length,
+            max_lora_rank=config.max_lora_rank,
+            enforce_eager=config.enforce_eager,
+        ),
+    )
+
+
+@dataclass
+class RunningServer:
+    """A server running on a background thread (tests, benchmarks); `stop()` ends it."""
+
+    url: str
+    server: Any
+    thread: threading.Thread
+    state: Any
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_in_thread(config: ServerConfig, service: Any) -> RunningServer:
+    """Serves `config` with `service` on a thread; returns once the port is bound."""
+    import uvicorn
+
+    from rl.server.app import create_app
+    from rl.server.keys import KeyStore
+    from rl.server.state import ServerState
+
+    state = ServerState(config, service)
+    app = create_app(state, KeyStore(config.resolved_keys_file()))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="engineroom-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {config.host}:{config.port}")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(f"http://{config.host}:{port}", server, thread, state)
+
+
+__all__ = ["RunningServer", "ServerConfig", "build_service", "start_in_thread"]

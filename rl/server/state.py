@@ -1,0 +1,455 @@
+"""What the server holds: sessions, training clients, sampling clients, futures, run records.
+
+Every method takes the calling tenant first and finds objects only among that tenant's: an
+object of another tenant raises NotFoundError with the same words as an unknown id. The
+training and sampling work itself is the in-process client API's (`rl.ServiceClient`,
+`TrainingClient`, `SamplingClient`); this module only names things the way Tinker clients
+expect (`<session>:train:<n>`, `<session>:sample:<n>`, `tinker://` paths) and orders calls.
+
+What a restart keeps: run records and checkpoints (rl/server/store.py). What it loses: models
+and sampling sessions that live only in memory; a client resumes from a saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from tinker import types as tt
+
+import rl.sampling_client as sampling
+from rl.errors import InvalidRequestError, NotFoundError
+from rl.models import resolve_model
+from rl.server.config import ServerConfig
+from rl.server.futures import FutureStore, ModelOrder, chain, failed
+from rl.server.store import RunRecord, RunStore, tinker_path
+from rl.server.wire import ForwardBackwardCall, model_input, sampling_params
+from rl.types import AdamParams
+
+# One pool for the blocking client-API calls (starting actors, weight syncs): a few at once.
+_blocking = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="engineroom-server")
+
+
+@dataclass
+class Session:
+    tenant: str
+    created: float
+    last_heartbeat: float
+    finished: bool = False
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Model:
+    tenant: str
+    client: Any  # rl.TrainingClient
+    order: ModelOrder = field(default_factory=ModelOrder)
+
+
+@dataclass
+class Sampler:
+    tenant: str
+    client: Any  # rl.SamplingClient
+    base_model: str
+    model_path: str | None
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig, service: Any):
+        self.config = config
+        self.service = service
+        self.runs = RunStore(config.resolved_home(), config.resolved_checkpoint_dir())
+        self.futures = FutureStore()
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+        self._models: dict[str, Model] = {}
+        self._creating: dict[str, tuple[str, str]] = {}  # model id -> (tenant, request id)
+        self._samplers: dict[str, Sampler] = {}
+        self._sampler_starts: dict[str, tuple[str, concurrent.futures.Future]] = {}
+        self._served = self._served_models(config)
+
+    # -- models this server serves ---------------------------------------------------------
+
+    @staticmethod
+    def _served_models(config: ServerConfig) -> dict[str, str]:
+        """Each accepted base-model name (and its local directory) -> the name to load."""
+        served: dict[str, str] = {}
+        for name in config.model_names():
+            served[name] = name
+            with contextlib.suppress(InvalidRequestError):  # reported when asked for
+                served[resolve_model(name)] = name
+        return served
+
+    def base_model(self, name: str | None) -> str:
+        if not name or name not in self._served:
+            raise InvalidRequestError(
+                f"base model {name!r} is not served here; this server serves "
+                f"{sorted(set(self._served.values()))} (start it with --models to add one)"
+            )
+        return name
+
+    def capabilities(self) -> tt.GetServerCapabilitiesResponse:
+        return tt.GetServerCapabilitiesResponse(
+            supported_models=[
+                tt.SupportedModel(
+                    model_name=name,
+                    max_context_length=self.config.max_context_length,
+                    trainable=True,
+                    sampleable=True,
+                )
+                for name in self.config.model_names()
+            ]
+        )
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def create_session(self, tenant: str, request: tt.CreateSessionRequest) -> str:
+        session_id = uuid.uuid4().hex[:16]
+        now = time.time()
+        with self._lock:
+            self._sessions[session_id] = Session(tenant, now, now, tags=list(request.tags))
+        return session_id
+
+    def session(self, tenant: str, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+        if session is None or session.tenant != tenant:
+            raise NotFoundError(f"session {session_id!r} not found")
+        return session
+
+    def heartbeat(self, tenant: str, session_id: str) -> bool:
+        """False when the session has finished (the SDK then stops its heartbeat)."""
+        session = self.session(tenant, session_id)
+        session.last_heartbeat = time.time()
+        return not session.finished
+
+    def finish_session(self, tenant: str, session_id: str) -> None:
+        self.session(tenant, session_id).finished = True
+
+    # -- training clients ------------------------------------------------------------------
+
+    def create_model(self, tenant: str, request: tt.CreateModelRequest) -> str:
+        """Starts creating the model; returns the request id of its future."""
+        self.session(tenant, request.session_id)
+        model_id = f"{request.session_id}:train:{request.model_seq_id}"
+        base = self.base_model(request.base_model)
+        lora = request.lora_config or tt.LoraConfig(rank=32)
+        if getattr(request.optimizer_config, "type", "adamw") != "adamw":
+            raise InvalidRequestError("this server has the AdamW optimizer only")
+
+        def create() -> tt.CreateModelResponse:
+            client = self.service.create_lora_training_client(
+                base,
+                rank=lora.rank,
+                seed=lora.seed,
+                train_mlp=lora.train_mlp,
+                train_attn=lora.train_attn,
+                train_unembed=lora.train_unembed,
+                model_id=model_id,
+            )
+            self._add_model(tenant, model_id, client, request.user_metadata)
+            return tt.CreateModelResponse(model_id=model_id)
+
+        return self._start_model(tenant, model_id, create)
+
+    def create_model_from_state(self, tenant: str, request: tt.LoadWeightsRequest) -> str:
+        """`load_weights` with session addressing: a new model from a checkpoint (seq 0)."""
+        assert request.session_id is not None and request.model_seq_id is not None
+        self.session(tenant, request.session_id)
+        model_id = f"{request.session_id}:train:{request.model_seq_id}"
+        resolved = self.runs.resolve(tenant, request.path)
+        base = self.base_model(request.base_model or resolved.run.base_model)
+        create_fn = (
+            self.service.create_training_client_from_state_with_optimizer
+            if request.optimizer
+            else self.service.create_training_client_from_state
+        )
+
+        def create() -> tt.LoadWeightsResponse:
+            client = create_fn(str(resolved.local), base, model_id=model_id)
+            metadata = request.user_metadata or resolved.run.user_metadata
+            self._add_model(tenant, model_id, client, metadata)
+            return tt.LoadWeightsResponse(path=request.path)
+
+        return self._start_model(tenant, model_id, create)
+
+    def _start_model(self, tenant: str, model_id: str, create: Any) -> str:
+        with self._lock:
+            if model_id in self._creating and self._creating[model_id][0] == tenant:
+                return self._creating[model_id][1]  # a retried request: the same future
+            if model_id in self._models:
+                raise InvalidRequestError(f"model {model_id!r} exists already")
+            request_id = self.futures.add(tenant, _blocking.submit(create), "json", model_id)
+            self._creating[model_id] = (tenant, request_id)
+            return request_id
+
+    def _add_model(
+        self, tenant: str, model_id: str, client: Any, user_metadata: dict[str, Any] | None
+    ) -> None:
+        info = client.get_info()
+        now = time.time()
+        self.runs.create(
+            RunRecord(
+                run_id=model_id,
+                tenant=tenant,
+                base_model=client.base_model,
+                lora_rank=info.lora_rank,
+                lora=info.lora_config.model_dump(),
+                user_metadata={str(k): str(v) for k, v in (user_metadata or {}).items()} or None,
+                created=now,
+                last_request_time=now,
+            )
+        )
+        with self._lock:
+            self._models[model_id] = Model(tenant, client)
+
+    def model(self, tenant: str, model_id: str) -> Model:
+        with self._lock:
+            model = self._models.get(model_id)
+        if model is None or model.tenant != tenant:
+            try:
+                self.runs.get(tenant, model_id)
+            except NotFoundError:
+                raise NotFoundError(f"model {model_id!r} not found") from None
+            raise NotFoundError(
+                f"model {model_id!r} is not loaded (the server restarted since it was created): "
+                "resume it from a checkpoint with create_training_client_from_state_with_optimizer"
+            )
+        self.runs.touch(model_id)
+        return model
+
+    def get_info(self, tenant: str, model_id: str) -> tt.GetInfoResponse:
+        info = self.model(tenant, model_id).client.get_info()
+        return tt.GetInfoResponse(
+            type="get_info",
+            model_id=model_id,
+            model_data=tt.ModelData(
+                arch=info.model_data.arch,
+                model_name=info.model_name,
+                tokenizer_id=info.model_data.tokenizer_id,
+            ),
+            is_lora=True,
+            lora_rank=info.lora_rank,
+            model_name=info.model_name,
+        )
+
+    def in_order(
+        self, tenant: str, model_id: str, seq_id: int | None, start: Any, encoding: Any = "json"
+    ) -> str:
+        """Runs `start(client)` on its seq_id's turn; returns the request id."""
+        model = self.model(tenant, model_id)
+        if seq_id is None:
+            raise InvalidRequestError("the request has no seq_id")
+        return model.order.submit(
+            seq_id,
+            lambda: start(model.client),
+            lambda future: self.futures.add(tenant, future, encoding, model_id),
+        )
+
+    def forward_backward(self, tenant: str, call: ForwardBackwardCall) -> str:
+        def start(client: Any) -> concurrent.futures.Future:
+            if call.error is not None:
+                raise call.error
+            method = client.forward if call.forward_only else client.forward_backward
+            return method(call.data, call.loss_fn, call.loss_fn_config).future()
+
+        return self.in_order(tenant, call.model_id, call.seq_id, start, "forward_backward")
+
+    def optim_step(self, tenant: str, request: tt.OptimStepRequest) -> str:
+        params = request.optim_params
+
+        def start(client: Any) -> concurrent.futures.Future:
+            if not isinstance(params, tt.AdamParams):
+                raise InvalidRequestError("this server has the AdamW optimizer only")
+            adam = AdamParams(**params.model_dump(exclude={"type"}, exclude_none=True))
+            return chain(
+                client.optim_step(adam).future(),
+                lambda r: tt.OptimStepResponse(metrics=r.metrics),
+            )
+
+        return self.in_order(tenant, request.model_id, request.seq_id, start)
+
+    def save_weights(self, tenant: str, request: tt.SaveWeightsRequest) -> str:
+        name = request.path or f"state-{request.seq_id}"
+
+        def start(client: Any) -> concurrent.futures.Future:
+            def record(_: Any) -> tt.SaveWeightsResponse:
+                path = self.runs.add_checkpoint(
+                    request.model_id, "weights", name, request.user_metadata, request.ttl_seconds
+                )
+                return tt.SaveWeightsResponse(path=path)
+
+            return chain(client.save_state(name, overwrite=request.overwrite).future(), record)
+
+        return self.in_order(tenant, request.model_id, request.seq_id, start)
+
+    def save_weights_for_sampler(
+        self, tenant: str, request: tt.SaveWeightsForSamplerRequest
+    ) -> str:
+        if request.path is not None:
+            return self._save_sampler_checkpoint(tenant, request)
+        if request.sampling_session_seq_id is None:
+            raise InvalidRequestError(
+                "save_weights_for_sampler needs path or sampling_session_seq_id"
+            )
+        session_id = request.model_id.split(":train:")[0]
+        sampler_id = f"{session_id}:sample:{request.sampling_session_seq_id}"
+
+        def start(client: Any) -> concurrent.futures.Future:
+            def finish(pending: Any) -> Any:
+                # The samplers load the weights outside the model's queue (later training
+                # calls need not wait), in the blocking pool.
+                return _blocking.submit(self._finish_sync, tenant, sampler_id, client, pending)
+
+            begun = sampling.begin_sync(client).future()
+            return _flatten(chain(begun, finish))
+
+        return self.in_order(tenant, request.model_id, request.seq_id, start)
+
+    def _finish_sync(self, tenant: str, sampler_id: str, client: Any, pending: Any) -> Any:
+        sampling_client = sampling.finish_sync(pending)
+        with self._lock:
+            self._samplers[sampler_id] = Sampler(tenant, sampling_client, client.base_model, None)
+        return tt.SaveWeightsForSamplerResponseInternal(sampling_session_id=sampler_id)
+
+    def _save_sampler_checkpoint(
+        self, tenant: str, request: tt.SaveWeightsForSamplerRequest
+    ) -> str:
+        name = request.path
+        assert name is not None
+
+        def start(client: Any) -> concurrent.futures.Future:
+            def record(_: Any) -> tt.SaveWeightsForSamplerResponseInternal:
+                path = self.runs.add_checkpoint(
+                    request.model_id,
+                    "sampler_weights",
+                    name,
+                    request.user_metadata,
+                    request.ttl_seconds,
+                )
+                return tt.SaveWeightsForSamplerResponseInternal(path=path)
+
+            return chain(client.save_weights_for_sampler(name).future(), record)
+
+        return self.in_order(tenant, request.model_id, request.seq_id, start)
+
+    def load_weights(self, tenant: str, request: tt.LoadWeightsRequest) -> str:
+        """Legacy addressing: load into an existing model, in its order."""
+        assert request.model_id is not None
+        resolved = self.runs.resolve(tenant, request.path)
+
+        def start(client: Any) -> concurrent.futures.Future:
+            load = client.load_state_with_optimizer if request.optimizer else client.load_state
+            return chain(
+                load(str(resolved.local)).future(),
+                lambda _: tt.LoadWeightsResponse(path=request.path),
+            )
+
+        return self.in_order(tenant, request.model_id, request.seq_id, start)
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def create_sampling_session(
+        self, tenant: str, request: tt.CreateSamplingSessionRequest
+    ) -> concurrent.futures.Future:
+        """A future of the sampler id; a retried request waits on the same start."""
+        self.session(tenant, request.session_id)
+        sampler_id = f"{request.session_id}:sample:{request.sampling_session_seq_id}"
+        with self._lock:
+            started = self._sampler_starts.get(sampler_id)
+            if started is not None and started[0] == tenant:
+                return started[1]
+            if sampler_id in self._samplers:
+                raise InvalidRequestError(f"sampling session {sampler_id!r} exists already")
+        if request.model_path:
+            resolved = self.runs.resolve(tenant, request.model_path)
+            base = self.base_model(request.base_model or resolved.run.base_model)
+            local: str | None = str(resolved.local)
+        else:
+            base = self.base_model(request.base_model)
+            local = None
+
+        def start() -> str:
+            if local is None:
+                client = self.service.create_sampling_client(base_model=base)
+            else:
+                client = self.service.create_sampling_client(model_path=local, base_model=base)
+            with self._lock:
+                self._samplers[sampler_id] = Sampler(tenant, client, base, request.model_path)
+            return sampler_id
+
+        future = _blocking.submit(start)
+        with self._lock:
+            self._sampler_starts[sampler_id] = (tenant, future)
+        return future
+
+    def sampler(self, tenant: str, sampler_id: str) -> Sampler:
+        with self._lock:
+            sampler = self._samplers.get(sampler_id)
+        if sampler is None or sampler.tenant != tenant:
+            raise NotFoundError(f"sampler {sampler_id!r} not found")
+        return sampler
+
+    def sample(self, tenant: str, request: tt.SampleRequest) -> str:
+        if not request.sampling_session_id:
+            raise InvalidRequestError("asample needs a sampling_session_id")
+        sampler = self.sampler(tenant, request.sampling_session_id)
+        try:
+            _check_sample_options(request)
+            future = sampler.client.sample(
+                model_input(request.prompt),
+                request.num_samples,
+                sampling_params(request.sampling_params),
+                include_prompt_logprobs=bool(request.prompt_logprobs),
+                topk_prompt_logprobs=request.topk_prompt_logprobs,
+            ).future()
+        except (InvalidRequestError, NotFoundError, ValueError) as error:
+            future = failed(error)  # bad input: a failed future with category "user"
+        return self.futures.add(tenant, future, "sample")
+
+    def sampling_busy(self) -> bool:
+        return self.futures.inflight("sample") >= self.config.max_inflight_samples
+
+
+def _check_sample_options(request: tt.SampleRequest) -> None:
+    unsupported = {
+        "topk_sample_logprobs": request.topk_sample_logprobs,
+        "target_prompt_logprobs": request.target_prompt_logprobs is not None,
+        "prompt_alt_tokens_k": request.prompt_alt_tokens_k,
+        "prompt_logprobs_last_n": request.prompt_logprobs_last_n is not None,
+        "record_stability_info": bool(request.record_stability_info),
+    }
+    asked = [name for name, value in unsupported.items() if value]
+    if asked:
+        raise InvalidRequestError(f"this server does not support {', '.join(asked)} yet")
+
+
+def _flatten(future: concurrent.futures.Future) -> concurrent.futures.Future:
+    """A future whose result is itself a future, as one future."""
+    outer: concurrent.futures.Future = concurrent.futures.Future()
+
+    def done(f: concurrent.futures.Future) -> None:
+        try:
+            inner = f.result()
+        except BaseException as error:
+            outer.set_exception(error)
+            return
+        inner.add_done_callback(lambda g: _copy(g, outer))
+
+    future.add_done_callback(done)
+    return outer
+
+
+def _copy(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
+    try:
+        target.set_result(source.result())
+    except BaseException as error:
+        target.set_exception(error)
+
+
+__all__ = ["Model", "Sampler", "ServerState", "Session", "tinker_path"]
