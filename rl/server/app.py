@@ -137,6 +137,7 @@ def create_app(state: ServerState, keys: KeyStore) -> FastAPI:
             custom_loss_server_side=False,
             sample_join_sampling_session=False,
             sample_max_concurrent_requests=config.max_inflight_samples,
+            fwdbwd_max_chunk_len=config.max_chunk_datums,
         ).model_dump()
 
     @app.post("/api/v1/client/dynamic_config")

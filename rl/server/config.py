@@ -79,6 +79,10 @@ class ServerConfig:
         512,
         "Sample requests in flight over all tenants before new ones get HTTP 429 (back-off).",
     )
+    max_chunk_datums: int = doc(
+        1024,
+        "Datums per forward_backward request the SDK sends; larger batches come as chunks.",
+    )
     long_poll_s: float = doc(
         20.0,
         "How long retrieve_future holds a pending request before answering try_again.",

@@ -63,7 +63,8 @@ class ServerState:
     def __init__(self, config: ServerConfig, service: Any):
         self.config = config
         self.service = service
-        self.runs = RunStore(config.resolved_home(), config.resolved_checkpoint_dir())
+        # Checkpoints are where the service's trainer writes them.
+        self.runs = RunStore(config.resolved_home(), service.checkpoint_dir)
         self.futures = FutureStore()
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
