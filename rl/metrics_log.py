@@ -5,8 +5,10 @@ prefix (`train/loss`, `optim/lr`, `env/reward_mean`, `time/sample_s`, `eval/loss
 
 - appends `{"step": step, **metrics}` as one line to `{run_dir}/metrics.jsonl` (every
   JSON-serialisable value, lists included, e.g. `data/batch_indices`);
-- prints one compact line of the scalar metrics, under a tqdm bar over the run's steps (the bar
-  is shown on a terminal only, so a Ray job log or a CI log gets the lines alone);
+- prints one short line of the few numbers a person watches (`rl.console.step_line`: step/total,
+  reward, accuracy, eval, KL, entropy, seconds per phase, time left) above a tqdm bar over the
+  run's steps (the bar is shown on a terminal only, so a Ray job log or a CI log gets the lines
+  alone); the rest stays in the file and W&B;
 - sends the scalars to W&B when `wandb_project` is set (`WANDB_MODE=offline` writes a local run
   under `{run_dir}/wandb/` that `wandb sync` uploads later).
 
@@ -24,14 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rl.console import echo, step_line
 from rl.errors import InvalidRequestError
 
 METRICS_FILE = "metrics.jsonl"
@@ -59,13 +62,22 @@ class MetricsLogger:
         _drop_records_from(self.metrics_path, start_step)
         self._file = open(self.metrics_path, "a")  # noqa: SIM115 (closed by close())
         self._console = console
+        self.total_steps, self.start_step = total_steps, start_step
+        self._step_seconds: list[float] = []  # this session's step durations, for the ETA
+        self._last_log = time.perf_counter()
         self._bar: Any = None
         if console:
             from tqdm import tqdm
 
             # disable=None: no bar when stdout is not a terminal (Ray job logs, CI).
             self._bar = tqdm(
-                total=total_steps, initial=start_step, unit="step", disable=None, leave=False
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                disable=None,
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stdout,
             )
         self._wandb_run: Any = None
         if wandb_project:
@@ -90,17 +102,26 @@ class MetricsLogger:
         self._file.flush()
         scalars = {k: v for k, v in record.items() if k != "step" and _is_scalar(v)}
         if self._console:
-            line = f"step {step}" + "".join(
-                f"  {k}={_short(v)}" for k, v in sorted(scalars.items())
-            )
+            line = step_line(step, self.total_steps, scalars, self._eta(step, scalars))
+            echo(line)
             if self._bar is not None and not self._bar.disable:
-                self._bar.write(line)
                 self._bar.n = min(step + 1, self._bar.total or step + 1)
                 self._bar.refresh()
-            else:
-                print(line, flush=True)
         if self._wandb_run is not None:
             self._wandb_run.log({**scalars, "step": int(step)})
+
+    def _eta(self, step: int, scalars: Mapping[str, Any]) -> float | None:
+        """Seconds left: the mean step time of this session times the steps still to run."""
+        now = time.perf_counter()
+        seconds = scalars.get("time/step_s")
+        self._step_seconds.append(
+            float(seconds) if isinstance(seconds, (int, float)) else now - self._last_log
+        )
+        self._last_log = now
+        if self.total_steps is None:
+            return None
+        mean = sum(self._step_seconds) / len(self._step_seconds)
+        return mean * max(self.total_steps - (step + 1), 0)
 
     def log_samples(
         self, step: int, rows: Sequence[Mapping[str, Any]], key: str = "samples"
@@ -225,11 +246,3 @@ def _plain(value: Any) -> Any:
 
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float))  # bool included
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.4g}"
-    return str(value)

@@ -41,6 +41,7 @@ import random
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,9 +55,11 @@ from rl.checkpointing import (
     start_run,
 )
 from rl.cli import doc, parse_config
+from rl.console import echo, link_ray_logs, route_logs
 from rl.errors import CheckpointError, EngineRoomError, InvalidRequestError
 from rl.futures import APIFuture
 from rl.metrics_log import MetricsLogger
+from rl.plot import write_run_curves
 from rl.types import AdamParams, Datum, ForwardBackwardOutput, ModelInput, TensorData
 
 LrSchedule = Literal["constant", "linear", "cosine"]
@@ -105,9 +108,12 @@ class SFTConfig:
     wandb_project: str = doc("", "Weights & Biases project; '' = no W&B")
     wandb_name: str = doc("", "W&B run name; '' = the log_dir's name")
     dtype: Literal["auto", "bfloat16", "float32"] = doc(
-        "auto", "base-weight dtype of the trainer (auto = bfloat16)"
+        "auto", "base-weight dtype of the trainer (auto = float32 on CPU, bfloat16 on GPU)"
     )
     num_threads: int = doc(0, "torch threads of the trainer; 0 = all cores")
+    verbose: bool = doc(
+        False, "show Ray and transformers logs on the console (else under <log_dir>/logs/)"
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -155,7 +161,7 @@ class SFTConfig:
 # (e.g. into a Ray job's working dir) as long as its content, `data_sha256`, is the same.
 MAY_DIFFER_ON_RESUME = (
     "data", "eval_data", "log_dir", "on_existing", "eval_every", "eval_batch_size",
-    "save_every", "pipeline_depth", "wandb_project", "wandb_name", "num_threads",
+    "save_every", "pipeline_depth", "wandb_project", "wandb_name", "num_threads", "verbose",
 )  # fmt: skip
 
 
@@ -361,9 +367,10 @@ def main(config: SFTConfig, service: Any = None) -> SFTResult:
     resume = start_run(
         run_dir, run_config, on_existing=config.on_existing, may_differ=MAY_DIFFER_ON_RESUME
     )
+    log_route = route_logs(run_dir, config.verbose)
     own_service = service is None
-    service = service or _make_service(config, run_dir)
     try:
+        service = service or _make_service(config, run_dir)
         if resume is None:
             client = service.create_lora_training_client(
                 config.base_model, rank=config.rank, seed=config.seed
@@ -387,10 +394,9 @@ def main(config: SFTConfig, service: Any = None) -> SFTResult:
         if config.max_steps:
             total = min(total, config.max_steps)
         start = resume.step if resume else 0
-        print(
+        echo(
             f"sft: {len(datums)} conversations ({len(conversations) - len(datums)} skipped), "
-            f"{total} steps, run dir {run_dir}" + (f", resuming at step {start}" if resume else ""),
-            flush=True,
+            f"{total} steps, run dir {run_dir}" + (f", resuming at step {start}" if resume else "")
         )
         with MetricsLogger(
             run_dir,
@@ -406,8 +412,9 @@ def main(config: SFTConfig, service: Any = None) -> SFTResult:
         result.resumed_from = start if resume else None
         return result
     finally:
-        if own_service:
+        if own_service and service is not None:
             service.close()
+        log_route.close()
 
 
 def _read_file(config: SFTConfig, key: str) -> list[list[dict[str, Any]]]:
@@ -427,7 +434,10 @@ def _make_service(config: SFTConfig, run_dir: Path) -> Any:
         num_threads=config.num_threads,
         checkpoint_dir=str(checkpoint_root(run_dir).resolve()),
     )
-    return ServiceClient(trainer_config=trainer_config)
+    # The trainer actor's output stays in Ray's log files (<run_dir>/logs/ray) unless verbose.
+    service = ServiceClient(trainer_config=trainer_config, log_to_driver=config.verbose)
+    link_ray_logs(run_dir)
+    return service
 
 
 def _train(
@@ -450,6 +460,8 @@ def _train(
         logger.log(item.step, metrics)
         result.history.append({"step": item.step, **metrics})
         result.final_step = item.step + 1
+        if "eval/loss" in metrics:
+            write_run_curves(run_dir)
 
     for step in range(start, total):
         evals = None
@@ -501,6 +513,7 @@ def _train(
         eval_metrics = _eval_metrics(_submit_eval(client, eval_datums, config.eval_batch_size))
         logger.log(total, eval_metrics)
         result.history.append({"step": total, **eval_metrics})
+    write_run_curves(run_dir)
     return result
 
 
@@ -558,10 +571,11 @@ def _eval_metrics(futures: list[APIFuture[ForwardBackwardOutput]]) -> dict[str, 
     return {"eval/loss": loss / max(tokens, 1e-12), "eval/tokens": tokens}
 
 
-def cli(argv: list[str]) -> int:
-    """`python -m rl.sft key=value ...`; a bad setting prints one line and exits with 2."""
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`python -m rl.sft key=value ...` / `engineroom-sft`; a bad setting prints one line and
+    exits with 2."""
     try:
-        main(parse_config(SFTConfig, argv))
+        main(parse_config(SFTConfig, list(sys.argv[1:] if argv is None else argv)))
     except EngineRoomError as e:
         print(f"rl.sft: error: {e}", file=sys.stderr)
         return 2
@@ -569,4 +583,4 @@ def cli(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    sys.exit(cli())

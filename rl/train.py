@@ -38,7 +38,6 @@ import asyncio
 import dataclasses
 import functools
 import importlib
-import json
 import math
 import random
 import sys
@@ -59,10 +58,12 @@ from rl.checkpointing import (
     start_run,
 )
 from rl.cli import doc, parse_config
+from rl.console import echo, link_ray_logs, route_logs, warn
 from rl.data import groups_to_datums, rollout_metrics
 from rl.errors import InvalidRequestError
 from rl.losses import LOSSES, resolve_config
 from rl.metrics_log import MetricsLogger
+from rl.plot import write_run_curves
 from rl.rollouts import RolloutBatch, RolloutConfig, run_batch
 from rl.sampling_client import PendingSync, begin_sync, finish_sync
 from rl.types import AdamParams, Datum, ForwardBackwardOutput, ModelInput, to_tensor_data
@@ -86,6 +87,7 @@ RESUMABLE_KEYS = (
     "rollout_timeout_s",
     "trainer_threads",
     "sampler_threads",
+    "verbose",
 )
 
 
@@ -140,6 +142,9 @@ class Config:
     wandb_project: str = doc("", "W&B project ('' = no W&B)")
     wandb_name: str = doc("", "W&B run name ('' = the log dir's name)")
     log_samples: int = doc(4, "sample completions logged (samples.jsonl, W&B table) per eval")
+    verbose: bool = doc(
+        False, "show Ray, vLLM and transformers logs on the console (else under <log_dir>/logs/)"
+    )
     # -- rollout errors ---------------------------------------------------------------------
     error_policy: Literal["fail", "retry", "drop"] = doc(
         "retry", "a failed rollout: fail the run, retry the sample call, or drop it (counted)"
@@ -220,6 +225,8 @@ def make_service(config: Config) -> Any:
             max_lora_rank=vllm_lora_rank(config.rank),
             num_threads=config.sampler_threads,
         ),
+        # The actors' output (vLLM's config dumps, per-sync warnings) stays in Ray's log files.
+        log_to_driver=config.verbose,
     )
 
 
@@ -391,6 +398,7 @@ class RLTrainer:
         from rl.models import resolve_model
 
         config = self.config
+        self.log_route = route_logs(self.run_dir, config.verbose)
         # The model name and the env are checked first, before anything is written or started.
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.base_model))
         self.renderer = ChatRenderer(self.tokenizer)
@@ -403,6 +411,7 @@ class RLTrainer:
         )
         if self.service is None:
             self.service = make_service(config)
+            link_ray_logs(self.run_dir)
         service = self.service
         if record is None:
             self.client = service.create_lora_training_client(
@@ -416,7 +425,7 @@ class RLTrainer:
             )
             self.rng = rng_from_json(record.loop_state["rng"])
             start = record.step
-            print(f"resuming {self.run_dir} at step {start} from {record.state_path}", flush=True)
+            echo(f"resuming {self.run_dir} at step {start} from {record.state_path}")
         info = self.client.get_info()
         sampler_len = getattr(getattr(service, "sampler_config", None), "max_model_len", None)
         self.rollout_config = RolloutConfig(
@@ -455,13 +464,15 @@ class RLTrainer:
                 logger.close()
             if self.own_service and self.service is not None:
                 self.service.close()
+            if getattr(self, "log_route", None) is not None:
+                self.log_route.close()
         return self.history
 
     async def _run(self, start: int) -> None:
         config = self.config
         t0 = time.perf_counter()
         policy = _Policy(await self._sync(), start)
-        print(f"sampler started, weights synced: {time.perf_counter() - t0:.1f}s", flush=True)
+        echo(f"sampler started, weights synced: {time.perf_counter() - t0:.1f}s")
         if start == 0 or start >= config.num_steps:
             await self._eval(start, policy.client, label="baseline" if start == 0 else "final")
         if start >= config.num_steps:
@@ -543,6 +554,8 @@ class RLTrainer:
                     metrics.update(await self._eval(done, new_client))
                 self.logger.log(step, metrics)
                 self.history.append({"step": step, **metrics})
+                if evaluating:  # the last step evaluates too, so the run ends with its curves
+                    await asyncio.to_thread(write_run_curves, self.run_dir)
         finally:
             if not producer.done():
                 producer.cancel()
@@ -570,7 +583,7 @@ class RLTrainer:
             metrics.update(rollout_metrics(batch.groups))
             metrics["env/accuracy"] = accuracy(batch.groups)
         for message in batch.errors:
-            print(f"step {step}: dropped rollout: {message}", flush=True)
+            warn(f"step {step + 1}: dropped a rollout: {message}")
         began = time.perf_counter()
         datums = groups_to_datums(
             batch.groups,
@@ -626,17 +639,23 @@ class RLTrainer:
         )
         builders = [b for i in range(len(self.test_data)) for b in self.test_data.get_batch(i)]
         batch = await run_batch(builders, client, eval_config)
+        env_metrics = rollout_metrics(batch.groups)
         metrics = {
             "eval/accuracy": accuracy(batch.groups),
-            "eval/reward_mean": rollout_metrics(batch.groups).get("env/reward_mean", math.nan),
+            "eval/reward_mean": env_metrics.get("env/reward_mean", math.nan),
             "eval/num_problems": float(len(builders)),
+            "eval/step": float(step),  # the weights measured (logged with the step before)
             "time/eval_s": time.perf_counter() - began,
         }
+        if "env/format" in env_metrics:  # the env's format check, where it has one
+            metrics["eval/format"] = env_metrics["env/format"]
         self.evals.append((step, metrics["eval/accuracy"]))
-        print(
-            f"[{label}] after {step} steps: held-out accuracy {metrics['eval/accuracy']:.1%} "
-            f"({len(builders)} problems, {metrics['time/eval_s']:.0f}s)",
-            flush=True,
+        shown = f"accuracy {metrics['eval/accuracy']:.0%}"
+        if "eval/format" in metrics:
+            shown += f", format {metrics['eval/format']:.0%}"
+        echo(
+            f"[{label}] after {step} steps: held-out {shown} "
+            f"({len(builders)} problems, {metrics['time/eval_s']:.0f}s)"
         )
         if config.log_samples:
             self.logger.log_samples(step, self._sample_rows(batch, config.log_samples))
@@ -692,14 +711,24 @@ def _split(items: list[Datum], n: int) -> list[list[Datum]]:
 
 def main(argv: Sequence[str] | None = None, service: Any = None) -> RLTrainer:
     config = parse_config(Config, list(sys.argv[1:] if argv is None else argv))
-    print(json.dumps(dataclasses.asdict(config)), flush=True)
+    echo(
+        f"rl.train: {config.num_steps} steps of {config.env} ({config.env_args}) on "
+        f"{config.base_model}, run dir {config.log_dir} (settings: config.json, logs: logs/)"
+    )
     trainer = RLTrainer(config, service)
     trainer.run()
     return trainer
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`python -m rl.train` / `engineroom-train`: a bad setting prints one line, exit code 2."""
     try:
-        main()
+        main(argv)
     except InvalidRequestError as error:
-        sys.exit(f"error: {error}")
+        print(f"rl.train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
