@@ -1,0 +1,60 @@
+"""The console scripts of pyproject.toml: each names a function that reads sys.argv itself (a
+console script calls it with no arguments) and answers --help the way `python -m` does."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def test_the_expected_scripts_are_declared():
+    assert set(SCRIPTS) == {
+        "engineroom-train",
+        "engineroom-sft",
+        "engineroom-plot",
+        "engineroom-serve",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_script_reads_sys_argv(name, monkeypatch, capsys):
+    module_name, _, attr = SCRIPTS[name].partition(":")
+    fn = getattr(importlib.import_module(module_name), attr)
+    monkeypatch.setattr(sys, "argv", [name, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        fn()  # as the generated script calls it: no arguments
+    assert exit_info.value.code in (0, None)
+    expected = {
+        "engineroom-train": "log_dir=",
+        "engineroom-sft": "log_dir=",
+        "engineroom-plot": "RUN_DIR",
+        "engineroom-serve": "--port",
+    }
+    assert expected[name] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("module", "script"), [("rl.train", "engineroom-train"), ("rl.plot", "engineroom-plot")]
+)
+def test_script_matches_python_dash_m(module, script, tmp_path):
+    """A bad argument: the same one-line error and exit code both ways (no Ray is started)."""
+    module_name, _, attr = SCRIPTS[script].partition(":")
+    code = f"import sys; from {module_name} import {attr}; sys.exit({attr}())"
+    args = ["nonsense=1"] if module == "rl.train" else [str(tmp_path / "no-run")]
+    as_module = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT
+    )
+    as_script = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT
+    )
+    assert as_module.returncode == as_script.returncode == 2
+    assert as_module.stderr == as_script.stderr
+    assert len(as_module.stderr.strip().splitlines()) == 1
