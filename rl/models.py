@@ -28,6 +28,12 @@ _BUILTIN_GGUF = {
 _ALIASES = {"HuggingFaceTB/SmolLM2-135M-Instruct": SMOLLM2}
 
 
+def default_dtype(on_gpu: bool) -> str:
+    """The weights dtype of trainer and sampler alike unless one is set: float32 on CPU,
+    bfloat16 on GPU. One rule for both sides, so that their logprobs agree by default."""
+    return "bfloat16" if on_gpu else "float32"
+
+
 def cache_dir() -> Path:
     """Root for converted models and default checkpoints: $ENGINEROOM_HOME or ~/.cache/engineroom."""
     return Path(os.environ.get("ENGINEROOM_HOME", Path.home() / ".cache" / "engineroom"))

@@ -30,6 +30,12 @@ the base weights and reloads them (the default on CPU, where vLLM's LoRA kernels
 Either way the sampler's logprobs of the probe are compared with the trainer's before the
 client is returned: a sync that did not take effect raises `WeightSyncError`. The measured
 difference is in `client.sync_metrics`.
+
+A sampling client is a snapshot, as in Tinker: it samples the weights it was made from for as
+long as it lives. Adapter versions stay in the LoRA pool (`max_versions_per_model` per
+training client; an older one raises NotFoundError). A merged pool holds one set of weights,
+so a merged-mode client also keeps its adapter and, once a later sync replaced its merge,
+samples that on the LoRA pool (rl/snapshot.py).
 """
 
 from __future__ import annotations
@@ -47,9 +53,11 @@ import ray
 from rl.errors import CheckpointError, InvalidRequestError
 from rl.futures import APIFuture, unwrap_ray_error
 from rl.models import resolve_model
+from rl.snapshot import Snapshot
 from rl.types import Datum, ModelInput, SampleResponse, SamplingParams
 from samplers.config import SamplerConfig, resolve_sync_mode
 from samplers.pool import SamplerPool, submit
+from samplers.servable import engine_config_for
 from samplers.sync import ProbeScores, check_sync, default_tolerance, probe_tokens
 from samplers.types import BASE, WeightsVersion
 from samplers.validation import build_request
@@ -70,11 +78,13 @@ class SamplingClient:
         weights: WeightsVersion,
         base_model: str,
         sync_metrics: dict[str, float] | None = None,
+        snapshot: Snapshot | None = None,
     ):
         self._pool = pool
         self.weights = weights
         self._base_model = base_model
         self.sync_metrics: dict[str, float] = dict(sync_metrics or {})
+        self._snapshot = snapshot  # merged mode: its adapter, for after a later sync
 
     def sample(
         self,
@@ -95,6 +105,8 @@ class SamplingClient:
             topk_prompt_logprobs=topk_prompt_logprobs,
             weights=self.weights,
         )
+        if self._snapshot is not None:
+            return APIFuture(submit(self._snapshot.sample(self._pool, request)))
         return APIFuture(submit(self._pool.sample(request)))
 
     async def sample_async(self, *args: Any, **kwargs: Any) -> SampleResponse:
@@ -184,6 +196,7 @@ class PendingSync:
     probe: tuple[list[int], Any] | None  # (probe tokens, ObjectRef of the trainer's forward)
     ticket: int
     began: float
+    snapshot_source: Any = None  # merged mode: ObjectRef of the adapter (rl/snapshot.py)
 
 
 def begin_sync(
@@ -210,6 +223,7 @@ def _begin(training_client: TrainingClient, sync_mode: str | None) -> PendingSyn
     model_dir = ray.get(trainer.base_model_path.remote())
     on_gpu = ray.cluster_resources().get("GPU", 0) > 0
     mode = sync_mode or resolve_sync_mode(config, on_gpu)
+    snapshot_source = None
     if mode == "adapter":
         pool = shared_pool(service, model_dir)
         assert pool.info is not None
@@ -223,9 +237,11 @@ def _begin(training_client: TrainingClient, sync_mode: str | None) -> PendingSyn
     else:
         pool = merged_pool(service, model_dir, model_id)
         source = trainer.merged_weights.remote(model_id)
+        # The same weights as an adapter, for this client after a later sync (snapshot).
+        snapshot_source = trainer.adapter_weights.remote(model_id)
     probe = _trainer_probe(training_client, pool) if config.verify_sync else None
     ticket = training_client._sync_turns.take()
-    return PendingSync(training_client, pool, mode, source, probe, ticket, began)
+    return PendingSync(training_client, pool, mode, source, probe, ticket, began, snapshot_source)
 
 
 def finish_sync(pending: PendingSync) -> SamplingClient:
@@ -239,6 +255,7 @@ def finish_sync(pending: PendingSync) -> SamplingClient:
             pending.source,
             probe=pending.probe,
             began=pending.began,
+            snapshot_source=pending.snapshot_source,
         )
 
 
@@ -249,10 +266,13 @@ def push_and_verify(
     source: Any,
     probe: tuple[list[int], Any] | None = None,
     began: float | None = None,
+    snapshot_source: Any = None,
 ) -> SamplingClient:
     """Loads `source` (ObjectRef of the trainer's adapter or merged weights) as a new version
     on every actor of `pool`, checks it against the trainer's probe logprobs (`probe`, else
-    the trainer's current weights), and returns its client."""
+    the trainer's current weights), and returns its client. `snapshot_source` (merged mode:
+    the same weights as an adapter) keeps the client sampling them after a later sync;
+    without it such a client raises `WeightsSupersededError` then."""
     config = sampler_config(training_client.service)
     start = time.perf_counter() if began is None else began
     weights = pool.new_version(mode, training_client.model_id)
@@ -261,7 +281,13 @@ def push_and_verify(
     if config.verify_sync:
         probe = probe or _trainer_probe(training_client, pool)
         metrics.update(_verify(training_client, pool, weights, config, probe))
-    return SamplingClient(pool, weights, training_client.base_model, metrics)
+    snapshot = None
+    if mode == "merged" and snapshot_source is not None:
+        rank = training_client.get_info().lora_rank
+        snapshot = Snapshot(
+            training_client.service, training_client.model_id, rank, snapshot_source
+        )
+    return SamplingClient(pool, weights, training_client.base_model, metrics, snapshot)
 
 
 def _trainer_probe(training_client: TrainingClient, pool: SamplerPool) -> tuple[list[int], Any]:
@@ -299,10 +325,11 @@ def _verify(
         trainer=[float(x) for x in trainer_logprobs],
         samplers=[[float(x or 0.0) for x in (r.prompt_logprobs or [])[1:]] for r in responses],
     )
-    trainer_dtype = str(getattr(training_client.service.trainer_config, "dtype", "auto"))
-    tolerance = config.sync_tolerance or default_tolerance(
-        pool.info.dtype, "float32" if trainer_dtype == "float32" else "bfloat16"
+    trainer_config = training_client.service.trainer_config
+    trainer_dtype = trainer_config.resolved_dtype(
+        trainer_config.uses_gpu(ray.cluster_resources().get("GPU", 0))
     )
+    tolerance = config.sync_tolerance or default_tolerance(pool.info.dtype, trainer_dtype)
     previous = pool.probe_scores.get(training_client.model_id)
     metrics = check_sync(scores, previous, tolerance, f"{training_client.model_id!r}")
     pool.probe_scores[training_client.model_id] = scores
@@ -337,9 +364,11 @@ def get_pool(service: ServiceClient, model_dir: str, key: str, *, enable_lora: b
     with _pool_lock:
         pool = service._sampler_pools.get(key)
         if pool is None:
-            pool = SamplerPool(
-                model_dir, sampler_config(service), enable_lora=enable_lora, label=key
-            )
+            config = sampler_config(service)
+            on_gpu = config.resolved_gpus(ray.cluster_resources().get("GPU", 0)) > 0
+            # vLLM or torch for this model, decided before any actor starts (see servable).
+            config = engine_config_for(model_dir, config, on_gpu)
+            pool = SamplerPool(model_dir, config, enable_lora=enable_lora, label=key)
             pool.start()
             service._sampler_pools[key] = pool
         return pool

@@ -513,6 +513,9 @@ class RLTrainer:
                 wait_s = time.perf_counter() - waiting
                 _, batch, version, sample_s = item
                 metrics = await self._train_step(step, batch, sample_s)
+                # The sampler-trainer logprob gap that the latest sync check measured.
+                gap = policy.client.sync_metrics
+                metrics.update({k: v for k, v in gap.items() if k.startswith("sync/")})
                 sync_began = time.perf_counter()
                 if loading is not None:  # the previous step's sync (async mode)
                     hidden = (await loading).sync_metrics

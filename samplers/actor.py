@@ -5,6 +5,10 @@ batches them. It keeps track of which adapter versions it holds and how many req
 each: a version superseded by a newer sync of the same training client is unloaded only when
 its last request finishes. A request for weights it does not hold (it was restarted, or the
 version was unloaded) raises `WeightsNotLoadedError`; the pool then pushes them and retries.
+Merged weights are replaced only once the requests on them have finished, and from the moment
+a replacement begins, a request for the older weights raises `WeightsSupersededError`: no
+request is ever answered by weights other than those it asked for (the torch engine would
+otherwise run queued requests on the new weights).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from samplers.types import (
     EngineInfo,
     SampleRequest,
     WeightsNotLoadedError,
+    WeightsSupersededError,
     WeightsVersion,
 )
 
@@ -53,21 +58,36 @@ class SamplerActor:
         self._dir = _adapter_dir()
         self._adapters: dict[int, _Adapter] = {}
         self._merged: WeightsVersion = BASE
+        self._merged_next: WeightsVersion | None = None  # a replacement under way
+        self._merged_users = 0  # requests running on the merged weights
+        self._merged_idle = asyncio.Event()
         self._served = 0
         self._deferred_unloads = 0  # versions retired while requests still used them
 
     def ready(self) -> tuple[str, EngineInfo]:
+        """(incarnation, engine info); raises `EngineFailedError` once the engine broke."""
+        check_alive = getattr(self._engine, "check_alive", None)
+        if check_alive is not None:
+            check_alive()
         return self.incarnation, self._engine.info
 
     async def sample(self, request: SampleRequest) -> SampleResponse:
         adapter = self._holding(request.weights)
+        merged = request.weights.kind == "merged"
         if adapter is not None:
             adapter.inflight += 1
+        if merged:
+            self._merged_users += 1
+            self._merged_idle.clear()
         try:
             response = await self._engine.sample(request, adapter.path if adapter else None)
             self._served += 1
             return response
         finally:
+            if merged:
+                self._merged_users -= 1
+                if self._merged_users == 0:
+                    self._merged_idle.set()
             if adapter is not None:
                 adapter.inflight -= 1
                 if adapter.retired and adapter.inflight == 0:
@@ -80,10 +100,12 @@ class SamplerActor:
             if adapter is None:
                 raise WeightsNotLoadedError(weights, self.incarnation)
             return adapter
-        if weights.kind == "merged" and (
-            self._merged.model_id != weights.model_id or self._merged.version < weights.version
-        ):
-            raise WeightsNotLoadedError(weights, self.incarnation)
+        if weights.kind == "merged":
+            if self._merged.model_id != weights.model_id or self._merged.version < weights.version:
+                raise WeightsNotLoadedError(weights, self.incarnation)
+            newest = self._merged_next or self._merged
+            if newest.version > weights.version:
+                raise WeightsSupersededError(weights, f"sampler actor {self.incarnation}")
         return None
 
     async def load_adapter(self, weights: WeightsVersion, source: Any) -> dict[str, float]:
@@ -132,12 +154,18 @@ class SamplerActor:
     async def load_merged(
         self, weights: WeightsVersion, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, float]:
-        """Loads full weights; requests already running finish on the old ones first."""
+        """Loads full weights once the requests running on the old ones have finished."""
         start = time.perf_counter()
         if self._merged.model_id == weights.model_id and self._merged.version >= weights.version:
             return {"load_s": 0.0}
-        await asyncio.to_thread(self._engine.load_full_weights, state_dict)
-        self._merged = weights
+        self._merged_next = weights  # from now on, new requests for the old ones are refused
+        try:
+            while self._merged_users:
+                await self._merged_idle.wait()
+            await asyncio.to_thread(self._engine.load_full_weights, state_dict)
+            self._merged = weights
+        finally:
+            self._merged_next = None
         del state_dict
         _release_freed_memory()
         return {"load_s": time.perf_counter() - start}

@@ -38,8 +38,10 @@ class SamplerConfig:
     num_actors: int = 1
     """Sampler actors per pool. Requests are spread over them (least requests in flight)."""
 
-    num_cpus_per_actor: float = 1.0
-    """Ray CPUs reserved per actor (logical; Ray lets them oversubscribe the machine)."""
+    num_cpus_per_actor: float = 0.25
+    """Ray CPUs reserved per actor (logical). An engine's threads are set by `num_threads`
+    and it computes only while it samples, so a quarter CPU lets a trainer (1 CPU), two
+    merged-mode training clients' pools and a base-model pool share a 2-core machine."""
 
     num_gpus_per_actor: float | None = None
     """Ray GPUs per actor. None: 0.25 when the Ray cluster has GPUs (a trainer and a few
@@ -50,7 +52,9 @@ class SamplerConfig:
     CPU reservation, which would otherwise leave a CPU engine one thread."""
 
     dtype: str = "auto"
-    """Engine weights dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16"."""
+    """Engine weights dtype: "auto", "float32", "bfloat16" or "float16". "auto": float32 on
+    CPU, bfloat16 on GPU, as the trainer's "auto" (rl.models.default_dtype), so sampler and
+    trainer logprobs agree by default."""
 
     max_model_len: int | None = 2048
     """Context length: prompt + generated tokens. None: the model's own maximum."""
@@ -118,6 +122,22 @@ class SamplerConfig:
     actor_ready_timeout_s: float = 600.0
     """How long to wait for an actor (engine start) before giving up."""
 
+    schedule_timeout_s: float = 60.0
+    """How long to wait for Ray to find an actor's resources before raising
+    `ResourcesUnavailableError` (rl.resources), instead of waiting forever."""
+
+    def resolved_gpus(self, cluster_gpus: float) -> float:
+        """Ray GPUs per actor in a cluster with `cluster_gpus` GPUs."""
+        if self.num_gpus_per_actor is not None:
+            return self.num_gpus_per_actor
+        return 0.25 if cluster_gpus > 0 else 0.0
+
+    def resolved_dtype(self, on_gpu: bool) -> str:
+        """The engine's weights dtype on a device with (`on_gpu`) or without a GPU."""
+        from rl.models import default_dtype
+
+        return default_dtype(on_gpu) if self.dtype == "auto" else self.dtype
+
     def resolved_threads(self) -> int:
         """torch threads per engine: `num_threads`, or every core of this machine."""
         return self.num_threads or os.cpu_count() or 1
@@ -136,6 +156,7 @@ class SamplerConfig:
             "max_logprobs": self.max_logprobs >= 0,
             "max_versions_per_model": self.max_versions_per_model >= 1,
             "max_restarts": self.max_restarts >= 0,
+            "schedule_timeout_s": self.schedule_timeout_s > 0,
             "max_request_retries": self.max_request_retries >= 0,
             "dtype": self.dtype in ("auto", "float32", "bfloat16", "float16"),
             "sync_tolerance": self.sync_tolerance is None or self.sync_tolerance > 0,

@@ -45,7 +45,7 @@ class TorchEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(config.resolved_threads())
-        dtype: Any = "auto" if config.dtype == "auto" else _DTYPES[config.dtype]
+        dtype = _DTYPES[config.resolved_dtype(on_gpu=False)]  # this engine runs on the CPU
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.eval()
         _untie_output_embeddings(model)

@@ -44,7 +44,7 @@ import torch
 from rl.errors import InvalidRequestError
 from rl.types import SampledSequence, SampleResponse
 from samplers.config import SamplerConfig
-from samplers.types import EngineInfo, SampleRequest
+from samplers.types import EngineFailedError, EngineInfo, SampleRequest
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class _Call:
 
 
 _STOP = object()
+_EXIT_DELAY_S = 1.0  # a failed engine's actor lets its error answers go out, then ends
 
 
 def engine_env() -> dict[str, str]:
@@ -130,9 +131,9 @@ class VLLMEngine:
         # Merged syncs may change the output head alone; give it its own weight.
         untie = not enable_lora and bool(getattr(hf_config, "tie_word_embeddings", False))
         kwargs: dict[str, Any] = {
-            # vLLM's own "auto" turns float32 checkpoints into bfloat16; ours keeps the
-            # checkpoint's dtype, so sampler and trainer logprobs agree by default.
-            "dtype": _checkpoint_dtype(hf_config) if config.dtype == "auto" else config.dtype,
+            # vLLM's own "auto" follows the checkpoint (and turns float32 into bfloat16);
+            # ours is the trainer's default, so sampler and trainer logprobs agree.
+            "dtype": config.resolved_dtype(on_gpu),
             "seed": config.seed,
             "enable_prefix_caching": config.enable_prefix_caching,
             "enforce_eager": config.enforce_eager,
@@ -191,8 +192,7 @@ class VLLMEngine:
         if request.weights.kind == "adapter":
             assert adapter_path is not None
             lora = self.lora_request(request.weights.version, adapter_path)
-        if self._failed is not None:
-            raise RuntimeError(f"the vLLM engine failed: {self._failed!r}")
+        self.check_alive()
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         self._commands.put(_Add(request, lora, loop, future))
@@ -201,6 +201,11 @@ class VLLMEngine:
         except asyncio.CancelledError:
             self._commands.put(_Abort(request.request_id))
             raise
+
+    def check_alive(self) -> None:
+        """Raises `EngineFailedError` (with vLLM's own error) once the engine has failed."""
+        if self._failed is not None:
+            raise EngineFailedError(f"the vLLM engine failed: {self._failed!r}")
 
     def lora_request(self, version: int, path: str) -> Any:
         from vllm.lora.request import LoRARequest
@@ -211,8 +216,7 @@ class VLLMEngine:
 
     def call(self, fn: Callable[[], Any], *, drain: bool = False) -> Any:
         """Runs `fn` on the engine thread between steps (after running requests if `drain`)."""
-        if self._failed is not None:
-            raise RuntimeError(f"the vLLM engine failed: {self._failed!r}")
+        self.check_alive()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(_Call(fn, future, drain))
         return future.result()
@@ -295,12 +299,14 @@ class VLLMEngine:
             self._execute(command)
 
     def _fail(self, error: BaseException) -> None:
-        """The engine is unusable: fail everything waiting (or end the process, see init)."""
+        """The engine is unusable: fail everything waiting with vLLM's error, and (in an
+        actor, see init) end the process a moment later, once those answers are sent: Ray
+        restarts it, and the pool learns why from the answers, not just that it died."""
         logger.exception("vLLM engine thread failed")
         if self._exit_on_failure:
-            os._exit(1)
+            threading.Timer(_EXIT_DELAY_S, os._exit, args=(1,)).start()
         self._failed = error
-        failure = RuntimeError(f"the vLLM engine failed: {error!r}")
+        failure = EngineFailedError(f"the vLLM engine failed: {error!r}")
         for add in {id(a): a for a in self._running.values()}.values():
             _resolve(add, error=failure)
         for add, _ in self._exclusive_waiting:
@@ -399,12 +405,6 @@ def _resolve(add: _Add, result: Any = None, error: BaseException | None = None) 
             add.future.set_result(result)
 
     add.loop.call_soon_threadsafe(settle)
-
-
-def _checkpoint_dtype(hf_config: Any) -> str:
-    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
-    return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _input_embedding(model_dir: str) -> tuple[str, torch.Tensor]:

@@ -8,7 +8,10 @@ any number of `sample` futures can be in flight: each is a coroutine awaiting on
   resubmitted to a live actor (at most `max_request_retries` times); each request's future is
   settled exactly once, so nothing is lost or answered twice. Ray restarts the actor
   (`max_restarts`); the pool waits for it in the background and then sends it work again.
-  One that cannot be restarted any more is replaced.
+  One that cannot be restarted any more is replaced. An engine that fails inside a live
+  actor (`EngineFailedError`) counts as a death too. A slot whose actors keep dying at
+  start (`max_restarts` replacements in a row) is given up, and calls end with the actor's
+  own error message rather than a wait: a crash loop is reported, not retried forever.
 - Weights: the pool remembers where every loadable weight version comes from (an ObjectRef
   of the trainer's adapter or merged weights, or a checkpoint path). An actor that lacks the
   version a request needs (restarted, or it unloaded an old version) answers
@@ -33,9 +36,18 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from rl.errors import NotFoundError
+from rl.futures import unwrap_ray_error
+from rl.resources import Reservation, reserve
 from rl.types import SampleResponse
 from samplers.config import SamplerConfig
-from samplers.types import EngineInfo, SampleRequest, WeightsNotLoadedError, WeightsVersion
+from samplers.types import (
+    EngineFailedError,
+    EngineInfo,
+    SampleRequest,
+    WeightsNotLoadedError,
+    WeightsSupersededError,
+    WeightsVersion,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,14 +77,21 @@ class SamplerUnavailableError(RuntimeError):
     """No sampler actor could serve a request (all dead, or retries exhausted)."""
 
 
+# What ends an actor's part in a call: Ray reports the process gone, or its engine broke.
+_DEATHS = (RayActorError, EngineFailedError)
+
+
 @dataclass
 class _Slot:
     index: int
     handle: Any
+    reservation: Reservation
     incarnation: str | None = None
     inflight: int = 0
     reviving: asyncio.Task | None = None
     pushes: dict[WeightsVersion, asyncio.Task] = field(default_factory=dict)
+    last_error: str | None = None  # the actor's own words on its last death, where known
+    broken: bool = False  # its actors kept dying at start: given up
 
     @property
     def live(self) -> bool:
@@ -105,23 +124,53 @@ class SamplerPool:
     # -- lifecycle (called from user threads) ----------------------------------------------
 
     def start(self) -> SamplerPool:
-        """Starts the actors and waits until every engine is up."""
-        submit(self._start()).result()
+        """Reserves each actor's resources (a bounded wait, here in the caller's thread, not
+        on the shared loop), starts the actors and waits until every engine is up."""
+        reservations: list[Reservation] = []
+        try:
+            for index in range(self.config.num_actors):
+                reservations.append(
+                    reserve(
+                        f"sampler actor {index} of pool {self.label}",
+                        self.config.num_cpus_per_actor,
+                        self._num_gpus(),
+                        self.config.schedule_timeout_s,
+                    )
+                )
+            submit(self._start(reservations)).result()
+        except BaseException:
+            self._closed = True
+            for reservation in reservations:
+                reservation.release()
+            raise
         return self
 
-    async def _start(self) -> None:
+    async def _start(self, reservations: list[Reservation]) -> None:
         self._any_live = asyncio.Event()
-        self._slots = [_Slot(i, self._new_actor(i)) for i in range(self.config.num_actors)]
-        results = await asyncio.wait_for(
-            asyncio.gather(*(slot.handle.ready.remote() for slot in self._slots)),
-            self.config.actor_ready_timeout_s,
-        )
+        self._slots = [
+            _Slot(i, self._new_actor(reservation), reservation)
+            for i, reservation in enumerate(reservations)
+        ]
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(slot.handle.ready.remote() for slot in self._slots)),
+                self.config.actor_ready_timeout_s,
+            )
+        except _DEATHS as error:
+            raise SamplerUnavailableError(
+                f"a sampler actor of pool {self.label} failed to start: "
+                f"{_own_words(error) or error}"
+            ) from None
         for slot, (incarnation, info) in zip(self._slots, results, strict=True):
             slot.incarnation = incarnation
             self.info = info
         self._any_live.set()
 
-    def _new_actor(self, index: int) -> Any:
+    def _num_gpus(self) -> float:
+        return self.config.resolved_gpus(ray.cluster_resources().get("GPU", 0))
+
+    def _new_actor(self, reservation: Reservation) -> Any:
+        """An actor inside `reservation` (a replacement reuses its predecessor's)."""
         from samplers.actor import SamplerActor
         from samplers.engine_vllm import engine_env
 
@@ -130,14 +179,10 @@ class SamplerPool:
         # torch loads, before the actor runs, and vLLM's CPU kernels then run ~20% slower
         # than with all cores even after torch.set_num_threads. So it is set here.
         env = {**engine_env(), "OMP_NUM_THREADS": str(config.resolved_threads())}
-        gpus = config.num_gpus_per_actor
-        if gpus is None:
-            gpus = 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         return (
             ray.remote(SamplerActor)
             .options(
-                num_cpus=config.num_cpus_per_actor,
-                num_gpus=gpus,
+                **reservation.actor_options(),
                 max_restarts=config.max_restarts,
                 max_task_retries=0,  # the pool resubmits, to a live actor, not Ray
                 max_concurrency=1000,
@@ -152,6 +197,7 @@ class SamplerPool:
         for slot in self._slots:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(slot.handle, no_restart=True)
+            slot.reservation.release()
 
     def actor_handles(self) -> list[Any]:
         return [slot.handle for slot in self._slots]
@@ -169,11 +215,12 @@ class SamplerPool:
             slot = await self._pick()
             try:
                 return await self._sample_on(slot, request)
-            except RayActorError as error:
+            except _DEATHS as error:
                 deaths += 1
                 if deaths > self.config.max_request_retries:
                     raise SamplerUnavailableError(
-                        f"request failed on {deaths} sampler actors that died: {error}"
+                        f"request failed on {deaths} sampler actors that died; the last one: "
+                        f"{slot.last_error or _own_words(error) or error}"
                     ) from None
                 logger.warning("sampler actor %d died; resubmitting request", slot.index)
 
@@ -186,7 +233,9 @@ class SamplerPool:
         await self._pick()
         answers = await self._on_each_live(lambda slot: self._sample_on(slot, request))
         if not answers:
-            raise SamplerUnavailableError(f"every sampler actor of {self.label} died meanwhile")
+            raise SamplerUnavailableError(
+                f"every sampler actor of {self.label} died meanwhile{self._last_words()}"
+            )
         return answers
 
     async def _sample_on(self, slot: _Slot, request: SampleRequest) -> SampleResponse:
@@ -197,8 +246,8 @@ class SamplerPool:
                 return await slot.handle.sample.remote(request)
             except WeightsNotLoadedError:
                 await self._push_to(slot, request.weights)
-            except RayActorError:
-                self._mark_down(slot, incarnation)
+            except _DEATHS as error:
+                self._mark_down(slot, incarnation, error)
                 raise
             finally:
                 slot.inflight -= 1
@@ -212,6 +261,11 @@ class SamplerPool:
         while True:
             if self._closed:
                 raise SamplerUnavailableError(f"sampler pool {self.label} was shut down")
+            if all(slot.broken for slot in self._slots):
+                raise SamplerUnavailableError(
+                    f"every sampler actor of pool {self.label} keeps dying as it starts"
+                    f"{self._last_words()}"
+                )
             live = [slot for slot in self._slots if slot.live]
             if live:
                 # Fewest in flight; ties rotate, so one-at-a-time callers use every actor too.
@@ -221,7 +275,9 @@ class SamplerPool:
             self._any_live.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise SamplerUnavailableError(f"no live sampler actor in pool {self.label}")
+                raise SamplerUnavailableError(
+                    f"no live sampler actor in pool {self.label}{self._last_words()}"
+                )
             try:
                 await asyncio.wait_for(self._any_live.wait(), remaining)
             except TimeoutError:
@@ -229,7 +285,17 @@ class SamplerPool:
 
     # -- actor deaths ------------------------------------------------------------------------
 
-    def _mark_down(self, slot: _Slot, incarnation: str | None) -> None:
+    def _last_words(self) -> str:
+        """The actors' own errors on their last deaths, for a message ("" when unknown)."""
+        words = sorted({slot.last_error for slot in self._slots if slot.last_error})
+        return f"; the actor's error: {' | '.join(words)}" if words else ""
+
+    def _mark_down(
+        self, slot: _Slot, incarnation: str | None, error: BaseException | None = None
+    ) -> None:
+        words = _own_words(error) if error is not None else None
+        if words:
+            slot.last_error = words
         if slot.incarnation is None or slot.incarnation != incarnation:
             return  # already known, or a late error from an earlier incarnation
         slot.incarnation = None
@@ -237,22 +303,36 @@ class SamplerPool:
         slot.reviving = asyncio.get_running_loop().create_task(self._revive(slot))
 
     async def _revive(self, slot: _Slot) -> None:
-        """Waits for Ray to restart the actor; replaces it when it is dead for good."""
+        """Waits for Ray to restart the actor; replaces it when it is dead for good, and
+        gives the slot up when its replacements keep dying too (a crash loop)."""
         dead_answers = 0
+        replaced = 0
         while not self._closed:
             try:
                 incarnation, _ = await slot.handle.ready.remote()
-            except ActorUnavailableError:
-                await asyncio.sleep(0.5)  # restarting
+            except (ActorUnavailableError, EngineFailedError):
+                await asyncio.sleep(0.5)  # restarting, or about to end and restart
                 continue
-            except RayActorError:
+            except RayActorError as error:
                 # Calls in flight at the death also end here; twice in a row means DEAD.
+                slot.last_error = _own_words(error) or slot.last_error
                 dead_answers += 1
                 if dead_answers >= 2:
+                    if replaced >= self.config.max_restarts:
+                        logger.error(
+                            "sampler actor %d keeps dying as it starts; giving it up: %s",
+                            slot.index,
+                            slot.last_error,
+                        )
+                        slot.broken = True
+                        assert self._any_live is not None
+                        self._any_live.set()  # wake callers waiting for an actor
+                        return
                     logger.warning("sampler actor %d cannot restart; replacing it", slot.index)
                     with contextlib.suppress(Exception):
                         ray.kill(slot.handle, no_restart=True)
-                    slot.handle = self._new_actor(slot.index)
+                    slot.handle = self._new_actor(slot.reservation)
+                    replaced += 1
                     dead_answers = 0
                 await asyncio.sleep(0.5)
                 continue
@@ -269,12 +349,19 @@ class SamplerPool:
         return WeightsVersion(kind, model_id, next(self._version_ids))  # type: ignore[arg-type]
 
     def check_loadable(self, weights: WeightsVersion) -> None:
+        latest = self._latest_merged.get(weights.model_id)
+        if weights.kind == "merged" and latest is not None and latest.version > weights.version:
+            raise WeightsSupersededError(weights, f"sampler pool {self.label}")
         if weights.kind == "adapter" and weights not in self._sources:
             raise NotFoundError(
                 f"{weights.describe()} is no longer loadable: only the last "
                 f"{self.config.max_versions_per_model} versions of a training client stay "
                 "available (SamplerConfig.max_versions_per_model); use a newer sampling client"
             )
+
+    def is_registered(self, weights: WeightsVersion) -> bool:
+        """Whether the pool still knows where `weights` come from (to push them again)."""
+        return weights in self._sources
 
     def register(self, weights: WeightsVersion, source: Any) -> None:
         """Remembers where `weights` come from (ObjectRef or path), for pushes and re-pushes."""
@@ -306,16 +393,15 @@ class SamplerPool:
         results = await asyncio.gather(
             *(call(slot) for slot in self._slots if slot.live), return_exceptions=True
         )
-        answers = [r for r in results if not isinstance(r, RayActorError)]
+        answers = [r for r in results if not isinstance(r, _DEATHS)]
         for result in answers:
             if isinstance(result, BaseException):
                 raise result
         return answers  # type: ignore[return-value]
 
     async def _push_to(self, slot: _Slot, weights: WeightsVersion) -> dict[str, float]:
-        """Loads `weights` (the newest merged ones for a merged request) on one actor, once."""
-        if weights.kind == "merged":
-            weights = self._latest_merged.get(weights.model_id, weights)
+        """Loads `weights` on one actor, once (concurrent callers share the load)."""
+        self.check_loadable(weights)  # merged weights that a later sync replaced: not again
         task = slot.pushes.get(weights)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._load(slot, weights))
@@ -333,6 +419,18 @@ class SamplerPool:
             if weights.kind == "merged":
                 return await slot.handle.load_merged.remote(weights, source)
             return await slot.handle.load_adapter.remote(weights, source)
-        except RayActorError:
-            self._mark_down(slot, incarnation)
+        except _DEATHS as error:
+            self._mark_down(slot, incarnation, error)
             raise
+
+
+def _own_words(error: BaseException) -> str | None:
+    """The actor's own error in a death report: an engine failure's message, or the last
+    line of the traceback of an actor that failed in its constructor. None for a plain
+    death (killed, out of memory), where Ray knows nothing more than that it ended."""
+    if isinstance(error, EngineFailedError):
+        return str(unwrap_ray_error(error))
+    if isinstance(error, RayActorError) and error.actor_init_failed:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return lines[-1] if lines else None
+    return None

@@ -20,8 +20,8 @@ class WeightsVersion:
     """Which weights must serve a request.
 
     base: the base model. adapter: the LoRA adapter registered under `version` (an id unique
-    within one pool, never reused). merged: full weights of `model_id` at sync number `version`
-    or newer (a merged engine holds one set of weights; older clients get the newest).
+    within one pool, never reused). merged: full weights of `model_id` at sync number
+    `version`, exactly (an engine holding newer ones answers `WeightsSupersededError`).
     """
 
     kind: WeightsKind = "base"
@@ -65,6 +65,26 @@ class EngineInfo:
     lora_enabled: bool
     max_lora_rank: int
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EngineFailedError(RuntimeError):
+    """The actor's engine broke (e.g. a kernel refused the model); the actor is ending and
+    Ray restarts it. Carries the engine's own error, which a bare process death would lose."""
+
+
+class WeightsSupersededError(RuntimeError):
+    """A merged engine holds newer weights than the request's (a later sync replaced them).
+
+    A merged engine holds one set of weights; the sampling client of the older ones then
+    samples them from their adapter on a LoRA pool instead (rl/snapshot.py)."""
+
+    def __init__(self, weights: WeightsVersion, holder: str):
+        super().__init__(f"{holder} no longer holds {weights.describe()}: a later sync replaced it")
+        self.weights = weights
+        self.holder = holder
+
+    def __reduce__(self):  # keep the fields through Ray's pickling
+        return (type(self), (self.weights, self.holder))
 
 
 class WeightsNotLoadedError(RuntimeError):

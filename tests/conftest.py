@@ -12,6 +12,13 @@ from rl.models import build_tiny_model
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The session's shared clients live side by side (trainers for three tiny models, a merged
+# pool per training client of every test) on a 2-CPU Ray; a tiny model uses a sliver of a
+# core, so the fixtures reserve slivers. The user defaults (1 CPU per trainer, 0.25 per
+# sampler actor) on 2 CPUs are tested by tests/test_resources.py in a Ray of their own.
+FIXTURE_TRAINER_CPUS = 0.1
+FIXTURE_SAMPLER_CPUS = 0.05
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -33,9 +40,10 @@ def vllm_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray for the whole test session, on loopback, stopped at the end."""
+    """One embedded Ray for the whole test session, stopped at the end. Two CPUs, as a
+    user's embedded default has on this machine, so an actor too many shows up here."""
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -48,6 +56,7 @@ def service(ray_local, tmp_path_factory: pytest.TempPathFactory):
     config = TrainerConfig(
         dtype="float32",
         num_threads=2,
+        num_cpus=FIXTURE_TRAINER_CPUS,
         checkpoint_dir=str(tmp_path_factory.mktemp("checkpoints")),
     )
     client = ServiceClient(trainer_config=config)
@@ -64,9 +73,12 @@ def torch_service(ray_local, tmp_path_factory: pytest.TempPathFactory):
 
     client = ServiceClient(
         trainer_config=TrainerConfig(
-            dtype="float32", num_threads=1, checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))
+            dtype="float32",
+            num_threads=1,
+            num_cpus=FIXTURE_TRAINER_CPUS,
+            checkpoint_dir=str(tmp_path_factory.mktemp("ckpt")),
         ),
-        sampler_config=SamplerConfig(engine="torch"),
+        sampler_config=SamplerConfig(engine="torch", num_cpus_per_actor=FIXTURE_SAMPLER_CPUS),
     )
     yield client
     client.close()

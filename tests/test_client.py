@@ -61,7 +61,9 @@ def test_tinker_user_example_runs_verbatim(service, tiny_model):
         )
         fwdbwd_result = await fwdbwd_future.result_async()
         optim_future = await training_client.optim_step_async(types.AdamParams(learning_rate=1e-4))
-        return fwdbwd_result, await optim_future
+        optim_result = await optim_future
+        service_client.close()  # frees its trainer's CPU in the session's 2-CPU Ray
+        return fwdbwd_result, optim_result
 
     fwdbwd_result, optim_result = asyncio.run(user_code())
     assert len(fwdbwd_result.loss_fn_outputs) == 1

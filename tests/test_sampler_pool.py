@@ -35,13 +35,16 @@ def sampling_service(ray_local, tmp_path_factory):
 
     client = ServiceClient(
         trainer_config=TrainerConfig(
-            dtype="float32", num_threads=2, checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))
+            dtype="float32",
+            num_threads=2,
+            num_cpus=0.1,  # slivers: the session's Ray has 2 CPUs (conftest.py)
+            checkpoint_dir=str(tmp_path_factory.mktemp("ckpt")),
         ),
         sampler_config=SamplerConfig(
             engine="torch",
             dtype="float32",
             num_actors=2,
-            num_cpus_per_actor=0.25,
+            num_cpus_per_actor=0.05,
             max_model_len=256,
             max_lora_rank=8,
         ),

@@ -30,13 +30,16 @@ def service(ray_local, tmp_path_factory):
 
     client = ServiceClient(
         trainer_config=TrainerConfig(
-            dtype="float32", num_threads=2, checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))
+            dtype="float32",
+            num_threads=2,
+            num_cpus=0.1,  # slivers: the session's Ray has 2 CPUs (conftest.py)
+            checkpoint_dir=str(tmp_path_factory.mktemp("ckpt")),
         ),
         sampler_config=SamplerConfig(
             engine="vllm",
             dtype="float32",
             num_actors=2,
-            num_cpus_per_actor=0.25,
+            num_cpus_per_actor=0.05,
             enforce_eager=True,
             max_model_len=256,
             kv_cache_gib=0.25,

@@ -66,7 +66,7 @@ class LoraTrainer:
         self.base_model = base_model
         self.model_path = resolve_model(base_model)
         self.device = _pick_device(self.config.device)
-        dtype = torch.float32 if self.config.dtype == "float32" else torch.bfloat16
+        dtype = getattr(torch, self.config.resolved_dtype(self.device.type == "cuda"))
         model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=dtype, attn_implementation=self.config.attn_implementation
         )
