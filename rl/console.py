@@ -125,6 +125,23 @@ def echo(line: str) -> None:
     sys.stdout.flush()
 
 
+def progress_bar(total: int | None, desc: str, unit: str = "it", initial: int = 0) -> Any:
+    """A tqdm bar on stdout, shown on a terminal only (a CI or Ray job log gets no bar lines);
+    it disappears when closed, leaving the lines written above it."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        disable=None,
+        leave=False,
+        dynamic_ncols=True,
+        file=sys.stdout,
+    )
+
+
 def warn(message: str) -> None:
     """A warning the user must see: one line on the console (and in the driver log)."""
     first_line = message.strip().splitlines()[0] if message.strip() else message

@@ -27,14 +27,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rl.console import echo, step_line
+from rl.console import echo, progress_bar, step_line
 from rl.errors import InvalidRequestError
 
 METRICS_FILE = "metrics.jsonl"
@@ -67,18 +66,7 @@ class MetricsLogger:
         self._last_log = time.perf_counter()
         self._bar: Any = None
         if console:
-            from tqdm import tqdm
-
-            # disable=None: no bar when stdout is not a terminal (Ray job logs, CI).
-            self._bar = tqdm(
-                total=total_steps,
-                initial=start_step,
-                unit="step",
-                disable=None,
-                leave=False,
-                dynamic_ncols=True,
-                file=sys.stdout,
-            )
+            self._bar = progress_bar(total_steps, "steps", unit="step", initial=start_step)
         self._wandb_run: Any = None
         if wandb_project:
             self._wandb_run = _start_wandb(

@@ -58,7 +58,7 @@ from rl.checkpointing import (
     start_run,
 )
 from rl.cli import doc, parse_config
-from rl.console import echo, link_ray_logs, route_logs, warn
+from rl.console import echo, link_ray_logs, progress_bar, route_logs, warn
 from rl.data import groups_to_datums, rollout_metrics
 from rl.errors import InvalidRequestError
 from rl.losses import LOSSES, resolve_config
@@ -641,7 +641,9 @@ class RLTrainer:
             self.rollout_config, temperature=config.eval_temperature, error_policy="retry"
         )
         builders = [b for i in range(len(self.test_data)) for b in self.test_data.get_batch(i)]
-        batch = await run_batch(builders, client, eval_config)
+        with progress_bar(len(builders), f"{label} eval", unit="problem") as bar:
+            counted = [_Counted(b, bar) for b in builders]
+            batch = await run_batch(counted, client, eval_config)
         env_metrics = rollout_metrics(batch.groups)
         metrics = {
             "eval/accuracy": accuracy(batch.groups),
@@ -690,6 +692,25 @@ class RLTrainer:
             step=step,
             loop_state={"rng": rng_state_to_json(self.rng), "step": step},
         )
+
+
+@dataclass(frozen=True)
+class _Counted(EnvGroupBuilder):
+    """A group builder that advances a progress bar when its group is scored (evals)."""
+
+    inner: EnvGroupBuilder
+    bar: Any
+
+    async def make_envs(self) -> Sequence[Any]:
+        return await self.inner.make_envs()
+
+    async def compute_group_rewards(self, trajectories: Sequence[Any], envs: Sequence[Any]) -> Any:
+        rewards = await self.inner.compute_group_rewards(trajectories, envs)
+        self.bar.update(1)
+        return rewards
+
+    def logging_tags(self) -> list[str]:
+        return self.inner.logging_tags()
 
 
 def _fresh_enough(policy: _Policy, step: int, max_steps_off_policy: int = 0) -> bool:
