@@ -22,3 +22,22 @@ class CheckpointError(EngineRoomError, ValueError):
 
 class WeightSyncError(EngineRoomError, RuntimeError):
     """A weight sync did not take effect: the sampler still answers with other weights."""
+
+
+class TrainerRestartedError(EngineRoomError, RuntimeError):
+    """The trainer actor died and was restarted; this training client was restored to its
+    last saved state, and the calls it made since then are lost (they must be redone)."""
+
+    def __init__(self, model_id: str, step: int, lost: list[str]):
+        self.model_id = model_id
+        self.step = step
+        self.lost = list(lost)
+        super().__init__(
+            f"the trainer of training client {model_id!r} died and was restarted; the client "
+            f"was restored to its last save (step {step}), and {len(lost)} call(s) since then "
+            f"were lost: {', '.join(lost)}. Redo them from that state (rl.train and rl.sft "
+            "resume from their last checkpoint)."
+        )
+
+    def __reduce__(self):  # keep the fields through pickling
+        return (type(self), (self.model_id, self.step, self.lost))

@@ -3,7 +3,8 @@
 Ray: an explicit `address`, else `RAY_ADDRESS`, else an already-initialised Ray in this
 process, else an embedded local Ray started here (and shut down by `close()`).
 One trainer actor is started per base model and shared by every training client (adapter)
-created for that model through this ServiceClient.
+created for that model through this ServiceClient; if it dies, it is restarted and its
+clients restored to their last saved state (rl/trainer_host.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import ray
 from rl.errors import InvalidRequestError
 from rl.futures import APIFuture, ray_get
 from rl.resources import Reservation
+from rl.trainer_host import TrainerHost
 from rl.training_client import TrainingClient
 from rl.types import LoraConfig
-from trainers.actor import start_trainer_actor
 from trainers.checkpoints import read_checkpoint
 from trainers.config import TrainerConfig
 
@@ -45,6 +46,7 @@ class ServiceClient:
         self.session_id = uuid.uuid4().hex[:12]
         self._owns_ray = _connect_ray(address, num_cpus, namespace, ray_init_kwargs)
         self._trainers: dict[str, Any] = {}
+        self._hosts: dict[str, TrainerHost] = {}
         self._reservations: list[Reservation] = []
         self._sampler_pools: dict[str, Any] = {}
         self._model_seq = itertools.count()
@@ -111,8 +113,9 @@ class ServiceClient:
         """Stops this client's actors, and the embedded Ray if this client started it."""
         for client in self._training_clients:
             client._queue.close()
-        for actor in [*self._trainers.values()]:
-            ray.kill(actor)
+        for host in self._hosts.values():
+            host.close()
+        self._hosts.clear()
         for pool in self._sampler_pools.values():
             close = getattr(pool, "close", None)
             if close is not None:
@@ -137,15 +140,11 @@ class ServiceClient:
         if not isinstance(base_model, str) or not base_model:
             raise InvalidRequestError(f"base_model must be a non-empty string, got {base_model!r}")
         with self._lock:
-            if base_model not in self._trainers:
-                actor, reservation = start_trainer_actor(base_model, self.trainer_config)
-                try:
-                    ray_get(actor.base_model_path.remote())  # surfaces a bad model name here
-                except BaseException:
-                    reservation.release()
-                    raise
-                self._reservations.append(reservation)
-                self._trainers[base_model] = actor
+            if base_model not in self._hosts:
+                host = TrainerHost(base_model, self.trainer_config)
+                self._reservations.append(host.reservation)
+                self._hosts[base_model] = host
+            self._trainers[base_model] = self._hosts[base_model].handle
             return self._trainers[base_model]
 
     def _next_model_id(self) -> str:
@@ -159,12 +158,23 @@ class ServiceClient:
         actor = self._trainer_for(base_model or meta.base_model)
         model_id = model_id or self._next_model_id()
         info = ray_get(actor.create_adapter_from_state.remote(model_id, str(path), with_optimizer))
+        restore_point = ("state", str(path), with_optimizer)
         return self._register(
-            TrainingClient(self, actor, model_id, base_model or meta.base_model, info)
+            TrainingClient(
+                self,
+                actor,
+                model_id,
+                base_model or meta.base_model,
+                info,
+                restore_point=restore_point,
+            )
         )
 
     def _register(self, client: TrainingClient) -> TrainingClient:
         self._training_clients.append(client)
+        host = self._hosts.get(client.base_model)
+        if host is not None:  # restored with the others if the trainer dies
+            host.clients.append(client)
         return client
 
 

@@ -4,18 +4,28 @@ Every call returns an `APIFuture` at once and runs on this client's ordered queu
 execute in submission order: submit `forward_backward` and `optim_step` back to back and wait
 once. `*_async` methods return the same future from a coroutine (Tinker's double await).
 Errors do not poison the client: a rejected call changes nothing, and the next call proceeds.
+
+Trainer death: the client keeps a restore point (its last `save_state`, the checkpoint it was
+loaded from, or its initial adapter) and the calls that changed its state since. When the
+trainer actor dies, it is restarted and every client it hosted restored to its restore point
+(rl/trainer_host.py). A client that had changed nothing since goes on: the call that met the
+dead actor simply runs again. Otherwise its next call, and every call submitted before that
+one raised, raises `TrainerRestartedError` (the step restored to, the calls lost); calls
+submitted after it run on the restored state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rl.errors import InvalidRequestError
+from rl.errors import InvalidRequestError, TrainerRestartedError
 from rl.futures import APIFuture, OrderedQueue, Turns, ray_get
+from rl.trainer_host import is_trainer_death
 from rl.types import (
     AdamParams,
     Datum,
@@ -32,6 +42,9 @@ if TYPE_CHECKING:
     from rl.service_client import ServiceClient
 
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+# (kind, what, with_optimizer): ("create", LoraConfig, False) or ("state", checkpoint path, ...)
+RestorePoint = tuple[str, Any, bool]
+_CHANGES_STATE = ("forward_backward", "forward_backward_custom", "optim_step")
 
 
 class TrainingClient:
@@ -42,12 +55,22 @@ class TrainingClient:
         model_id: str,
         base_model: str,
         info: GetInfoResponse,
+        *,
+        restore_point: RestorePoint | None = None,
     ):
         self.service = service
         self.model_id = model_id
         self.base_model = base_model
-        self._actor = actor
+        self._fixed_actor = actor
+        # The host restarts the trainer if it dies (None: a client built by hand, no restarts).
+        self._host = getattr(service, "_hosts", {}).get(base_model)
         self._info = info
+        self._restore_point: RestorePoint = restore_point or ("create", info.lora_config, False)
+        self._since_save: list[str] = []  # calls that changed the state since the restore point
+        self._epoch = 0  # bumped when a restart lost calls: older calls then raise
+        self._restarted: TrainerRestartedError | None = None
+        self._delivered = True  # whether a call has raised `_restarted` yet
+        self._state_lock = threading.Lock()
         self._queue = OrderedQueue(f"client-{model_id}")
         self._sync_turns = Turns()  # weight syncs finish in the order they began
         self._tokenizer: Any = None
@@ -85,7 +108,9 @@ class TrainingClient:
         between them.
         """
         data = _as_data(data)
-        return self._queue.submit(lambda: self._custom_loss(data, loss_fn))
+        return self._guarded(
+            "forward_backward_custom", lambda actor: self._custom_loss(actor, data, loss_fn)
+        )
 
     def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
         return self._call("optim_step", adam_params or AdamParams())
@@ -93,7 +118,8 @@ class TrainingClient:
     # -- checkpoints -------------------------------------------------------------------------
 
     def save_state(self, name: str, overwrite: bool = False) -> APIFuture[SaveWeightsResponse]:
-        """Saves adapter weights + optimizer state; `.path` loads with create_*_from_state."""
+        """Saves adapter weights + optimizer state; `.path` loads with create_*_from_state.
+        It is also this client's restore point should the trainer die."""
         return self._call("save_state", name, overwrite)
 
     def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
@@ -102,6 +128,11 @@ class TrainingClient:
 
     def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
         return self._call("load_state", str(path), True)
+
+    @property
+    def _actor(self) -> Any:
+        """The trainer actor now hosting this client (a new one after a restart)."""
+        return self._host.handle if self._host is not None else self._fixed_actor
 
     def save_weights_for_sampler(self, name: str) -> APIFuture[SaveWeightsForSamplerResponse]:
         """Saves the adapter in standard PEFT format (loadable by peft and vLLM)."""
@@ -158,13 +189,96 @@ class TrainingClient:
 
     def _run_in_order(self, fn: Callable[[], Any]) -> APIFuture[Any]:
         """Runs `fn` in this client's queue, after every call submitted before it."""
-        return self._queue.submit(fn)
+        return self._guarded("weight sync", lambda actor: fn())
 
     def _call(self, method: str, *args: Any) -> APIFuture[Any]:
-        remote = getattr(self._actor, method)
-        return self._queue.submit(lambda: ray_get(remote.remote(self.model_id, *args)))
+        def call(actor: Any) -> Any:
+            return ray_get(getattr(actor, method).remote(self.model_id, *args))
 
-    def _custom_loss(self, data: list[Datum], loss_fn: CustomLossFn) -> ForwardBackwardOutput:
+        return self._guarded(method, call, args)
+
+    def _guarded(
+        self, name: str, fn: Callable[[Any], Any], args: tuple[Any, ...] = ()
+    ) -> APIFuture[Any]:
+        """Queues `fn(trainer actor)`, surviving a trainer death (see the module docstring)."""
+        epoch = self._epoch
+        return self._queue.submit(lambda: self._run_guarded(name, fn, args, epoch))
+
+    def _run_guarded(
+        self, name: str, fn: Callable[[Any], Any], args: tuple[Any, ...], epoch: int
+    ) -> Any:
+        host = self._host
+        for attempt in range(2):
+            self._raise_if_lost(epoch)
+            actor, generation = host.current() if host is not None else (self._fixed_actor, 0)
+            try:
+                result = fn(actor)
+            except BaseException as error:
+                if host is None or attempt or not is_trainer_death(error):
+                    raise
+                host.restart(generation)
+                continue  # runs again on the restored state, unless calls were lost
+            with self._state_lock:
+                if host is not None and host.generation != generation and name in _CHANGES_STATE:
+                    # It ran on the old actor, which died right after: its effect is gone.
+                    self._lose([name])
+                    self._delivered = True
+                    assert self._restarted is not None
+                    raise self._restarted
+                self._record(name, args, result)
+            return result
+        raise AssertionError("unreachable")
+
+    def _raise_if_lost(self, epoch: int) -> None:
+        """Raises the restart report for calls submitted before it was first raised."""
+        with self._state_lock:
+            if self._restarted is None:
+                return
+            if not self._delivered:
+                self._delivered = True
+                self._epoch += 1  # the calls queued behind this one raise too
+                raise self._restarted
+            if self._epoch != epoch:
+                raise self._restarted
+
+    def _record(self, name: str, args: tuple[Any, ...], result: Any) -> None:
+        """Keeps the restore point and the state-changing calls since it up to date."""
+        if name in _CHANGES_STATE:
+            self._since_save.append(name)
+        elif name == "save_state":
+            self._restore_point = ("state", result.path, True)
+            self._since_save.clear()
+        elif name == "load_state":
+            self._restore_point = ("state", args[0], bool(args[1]))
+            self._since_save.clear()
+
+    def _lose(self, lost: list[str]) -> None:
+        """Calls lost in a restart: this one and every call submitted before now raise."""
+        kind, path, with_optimizer = self._restore_point
+        step = 0
+        if kind == "state" and with_optimizer:
+            from trainers.checkpoints import read_checkpoint
+
+            step = read_checkpoint(path, with_optimizer=False).meta.step
+        self._epoch += 1
+        self._restarted = TrainerRestartedError(self.model_id, step, lost)
+        self._delivered = False
+
+    def _restore_on(self, actor: Any) -> None:
+        """Recreates this client on a restarted trainer `actor`, at its restore point."""
+        kind, what, with_optimizer = self._restore_point
+        if kind == "create":
+            ray_get(actor.create_adapter.remote(self.model_id, what))
+        else:
+            ray_get(actor.create_adapter_from_state.remote(self.model_id, what, with_optimizer))
+        with self._state_lock:
+            if self._since_save:
+                self._lose(self._since_save)
+                self._since_save = []
+
+    def _custom_loss(
+        self, actor: Any, data: list[Datum], loss_fn: CustomLossFn
+    ) -> ForwardBackwardOutput:
         probe = []
         for i, datum in enumerate(data):
             if "target_tokens" not in datum.loss_fn_inputs:
@@ -172,7 +286,7 @@ class TrainingClient:
             targets = datum.loss_fn_inputs["target_tokens"]
             zeros = TensorData.from_numpy(targets.to_numpy() * 0.0)
             probe.append(_with_inputs(datum, targets, zeros))
-        forward = ray_get(self._actor.forward.remote(self.model_id, probe, "cross_entropy"))
+        forward = ray_get(actor.forward.remote(self.model_id, probe, "cross_entropy"))
         logprobs = [
             out["logprobs"].to_torch().clone().requires_grad_(True)
             for out in forward.loss_fn_outputs
@@ -189,7 +303,7 @@ class TrainingClient:
             weights = TensorData.from_torch(-grad)
             weighted.append(_with_inputs(datum, datum.loss_fn_inputs["target_tokens"], weights))
         result: ForwardBackwardOutput = ray_get(
-            self._actor.forward_backward.remote(self.model_id, weighted, "cross_entropy")
+            actor.forward_backward.remote(self.model_id, weighted, "cross_entropy")
         )
         surrogate = result.metrics.pop("loss:sum", 0.0)
         result.metrics.pop("weights:sum", None)

@@ -21,16 +21,20 @@ from trainers.config import TrainerConfig
 from trainers.engine import LoraTrainer
 
 
-def start_trainer_actor(base_model: str, config: TrainerConfig) -> tuple[Any, Reservation]:
+def start_trainer_actor(
+    base_model: str, config: TrainerConfig, reservation: Reservation | None = None
+) -> tuple[Any, Reservation]:
     """Starts a trainer actor for `base_model` (GPU-backed when the config asks for CUDA);
-    returns it with its reservation, which the caller releases when done with the actor."""
-    wants_gpu = config.uses_gpu(ray.cluster_resources().get("GPU", 0))
-    reservation = reserve(
-        f"the trainer actor for {base_model!r}",
-        config.num_cpus,
-        1.0 if wants_gpu else 0.0,
-        config.schedule_timeout_s,
-    )
+    returns it with its reservation, which the caller releases when done with the actor.
+    A restart passes the dead actor's `reservation`, so it does not wait for resources."""
+    if reservation is None:
+        wants_gpu = config.uses_gpu(ray.cluster_resources().get("GPU", 0))
+        reservation = reserve(
+            f"the trainer actor for {base_model!r}",
+            config.num_cpus,
+            1.0 if wants_gpu else 0.0,
+            config.schedule_timeout_s,
+        )
     actor_cls = ray.remote(LoraTrainer)
     actor = actor_cls.options(  # type: ignore[attr-defined]
         **reservation.actor_options(),

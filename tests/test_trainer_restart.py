@@ -1,0 +1,102 @@
+"""The trainer actor dies (killed); the service restarts it and restores every training
+client it hosted: one that changed nothing since its last save goes on as if nothing
+happened, one that did raises TrainerRestartedError once, then works from its save."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from rl.errors import TrainerRestartedError
+from rl.types import AdamParams, Datum, ModelInput
+from samplers.config import SamplerConfig
+from trainers import TrainerConfig
+
+SEQUENCE = [1, 504, 3458, 314, 4649, 314, 253, 5, 6, 7, 8, 9]
+DATUM = Datum(
+    model_input=ModelInput.from_ints(SEQUENCE[:-1]),
+    loss_fn_inputs={"target_tokens": SEQUENCE[1:], "weights": [1.0] * (len(SEQUENCE) - 1)},
+)
+
+
+@pytest.fixture
+def service(ray_local, tmp_path):
+    from rl import ServiceClient
+
+    client = ServiceClient(
+        trainer_config=TrainerConfig(
+            dtype="float32", num_threads=1, num_cpus=0.1, checkpoint_dir=str(tmp_path)
+        ),
+        sampler_config=SamplerConfig(engine="torch", num_cpus_per_actor=0.05, max_model_len=128),
+    )
+    yield client
+    client.close()
+
+
+def step(client) -> float:
+    client.forward_backward([DATUM], "cross_entropy")
+    return client.optim_step(AdamParams(learning_rate=3e-2)).result().metrics["step:max"]
+
+
+def logprobs(client) -> list[float]:
+    output = client.forward([DATUM], "cross_entropy").result()
+    return [float(x) for x in output.loss_fn_outputs[0]["logprobs"].tolist()]
+
+
+def test_clients_survive_a_trainer_death(service, tiny_model):
+    saved = service.create_lora_training_client(tiny_model, rank=4, seed=1)
+    step(saved)
+    saved.save_state("one").result()
+    saved_logprobs = logprobs(saved)
+
+    unsaved = service.create_lora_training_client(tiny_model, rank=4, seed=2)
+    initial_logprobs = logprobs(unsaved)
+    step(unsaved)
+    step(unsaved)
+
+    old_actor = saved._actor
+    ray.kill(old_actor)  # as a SIGKILL or an out-of-memory kill would
+    began = time.perf_counter()
+    # Nothing changed since its save: the call goes on, on the restored state.
+    assert logprobs(saved) == pytest.approx(saved_logprobs, abs=1e-6)
+    print(f"restart + restore: {time.perf_counter() - began:.1f}s")
+    assert saved._actor is not old_actor and unsaved._actor is saved._actor
+
+    # Two steps since its restore point (its initial adapter) are lost: one clear error...
+    with pytest.raises(TrainerRestartedError) as error:
+        logprobs(unsaved)
+    assert error.value.model_id == unsaved.model_id and error.value.step == 0
+    assert error.value.lost == ["forward_backward", "optim_step"] * 2
+    assert unsaved.model_id in str(error.value) and "step 0" in str(error.value)
+    # ...then it works from there: the same initial adapter (its seed was kept).
+    assert logprobs(unsaved) == pytest.approx(initial_logprobs, abs=1e-6)
+
+    # Training goes on from the saved step (Adam state and step count restored).
+    assert step(saved) == 2.0
+    assert step(unsaved) == 1.0
+
+
+def test_calls_queued_before_a_lost_restart_all_raise(service, tiny_model):
+    """A pipelined forward_backward + optim_step must not step on half a gradient."""
+    client = service.create_lora_training_client(tiny_model, rank=4, seed=3)
+    step(client)  # changes state; nothing saved
+    ray.kill(client._actor)
+    backward = client.forward_backward([DATUM], "cross_entropy")
+    optim = client.optim_step(AdamParams(learning_rate=3e-2))
+    with pytest.raises(TrainerRestartedError):
+        backward.result()
+    with pytest.raises(TrainerRestartedError):
+        optim.result()
+    assert step(client) == 1.0  # submitted after the error: runs on the restored state
+
+
+def test_sync_after_a_trainer_death(service, tiny_model):
+    client = service.create_lora_training_client(tiny_model, rank=4, seed=4)
+    step(client)
+    client.save_state("saved").result()
+    ray.kill(client._actor)
+    sampler = client.save_weights_and_get_sampling_client()
+    lps = sampler.compute_logprobs(ModelInput.from_ints(SEQUENCE)).result()[1:]
+    assert [float(x) for x in lps] == pytest.approx(logprobs(client), abs=1e-4)
