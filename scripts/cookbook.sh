@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# tinker-cookbook, unmodified, against a running engineroom server (python -m rl.server).
+#
+#   export TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-...
+#   bash scripts/cookbook.sh math_rl [key=value ...]   # RL on arithmetic (recipes/math_rl)
+#   bash scripts/cookbook.sh sl [key=value ...]        # supervised on a local conversations file
+#
+# The cookbook runs in an environment of its own, .venv-cookbook (tinker 0.38.0 and
+# tinker-cookbook 0.5.8, which moves transformers to a version the server does not use);
+# nothing of the server's is installed there. Later key=value arguments override the
+# defaults below. COOKBOOK_MODEL is the model_name the recipe passes to the server and loads
+# its tokenizer from: by default the local directory of the built-in SmolLM2-135M-Instruct
+# (start the server with --models SmolLM2-135M-Instruct, which serves that directory too).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+recipe="${1:-}"
+shift || true
+case "$recipe" in
+  math_rl|sl) ;;
+  *) echo "usage: bash scripts/cookbook.sh math_rl|sl [key=value ...]" >&2; exit 2 ;;
+esac
+: "${TINKER_BASE_URL:?export TINKER_BASE_URL (python -m rl.server prints it)}"
+: "${TINKER_API_KEY:?export TINKER_API_KEY (python -m rl.server keys add NAME)}"
+
+venv="${COOKBOOK_VENV:-$root/.venv-cookbook}"
+stamp="$venv/.cookbook-installed"
+pins='torch==2.13.0 tinker==0.38.0 tinker-cookbook[math-rl]==0.5.8'
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$pins" ]]; then
+  echo "setting up $venv (once): $pins" >&2
+  python3 -m venv "$venv"
+  log="$(mktemp)"
+  # torch first and pinned: the CPU build on local disk, not a multi-GB CUDA build.
+  if ! "$venv/bin/pip" install -q $pins >"$log" 2>&1; then
+    grep -v "is ignored: it is neither" "$log" >&2
+    exit 1
+  fi
+  rm -f "$log"
+  echo "$pins" >"$stamp"
+fi
+
+model="${COOKBOOK_MODEL:-}"
+if [[ -z "$model" ]]; then
+  bash scripts/setup_venv.sh
+  model="$(.venv/bin/python -c 'from rl.models import resolve_model; print(resolve_model("SmolLM2-135M-Instruct"))')"
+fi
+export TINKER_TELEMETRY="${TINKER_TELEMETRY:-0}"
+# SmolLM2 speaks ChatML, which the qwen3_instruct renderer writes (no thinking tags).
+if [[ "$recipe" == math_rl ]]; then
+  exec "$venv/bin/python" -m tinker_cookbook.recipes.math_rl.train \
+    model_name="$model" renderer_name=qwen3_instruct env=arithmetic \
+    lora_rank=16 group_size=8 groups_per_batch=12 learning_rate=1e-3 max_tokens=8 \
+    max_steps=20 eval_every=0 save_every=10 \
+    log_path=runs/cookbook/math_rl behavior_if_log_dir_exists=delete "$@"
+fi
+exec "$venv/bin/python" -m tinker_cookbook.recipes.chat_sl.train \
+  model_name="$model" renderer_name=qwen3_instruct dataset="$root/examples/data/chat_sft.jsonl" \
+  batch_size=8 max_length=512 learning_rate=2e-4 lr_schedule=constant lora_rank=16 \
+  save_every=5 eval_every=5 \
+  log_path=runs/cookbook/sl behavior_if_log_dir_exists=delete "$@"

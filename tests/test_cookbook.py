@@ -1,0 +1,117 @@
+"""tinker-cookbook, unmodified, against `python -m rl.server` (slow: it sets up the cookbook's
+own environment on first use and starts a real server process).
+
+A short version of `scripts/cookbook.sh`: the math_rl recipe (env=arithmetic) and the
+supervised chat recipe on the repo's conversations file, two steps each, on a tiny model with
+the torch sampler. The full-size figures (SmolLM2) are in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    """A real server process; yields (base url, api key, home)."""
+    home = tmp_path_factory.mktemp("cookbook-server")
+    port = free_port()
+    log = open(home / "server.log", "w")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "rl.server", "--port", str(port), "--home", str(home),
+            "--models", tiny_model, "--sampler-engine", "torch", "--trainer-dtype", "float32",
+            "--trainer-threads", "1", "--sampler-threads", "1",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        key = None
+        deadline = time.monotonic() + 180
+        while key is None:
+            assert process.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            match = re.search(r"TINKER_API_KEY=(tml-\S+)", (home / "server.log").read_text())
+            key = match.group(1) if match else None
+            time.sleep(0.5)
+        assert httpx.get(f"{url}/api/v1/healthz").json() == {"status": "ok"}
+        yield url, key, home
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def run_recipe(server, tiny_model: str, recipe: str, log_path: Path, *args: str) -> None:
+    url, key, _ = server
+    env = {
+        **os.environ,
+        "TINKER_BASE_URL": url,
+        "TINKER_API_KEY": key,
+        "COOKBOOK_MODEL": tiny_model,
+    }
+    result = subprocess.run(
+        ["bash", "scripts/cookbook.sh", recipe, f"log_path={log_path}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
+
+
+def metrics(log_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_math_rl_and_supervised_recipes_run_unmodified(server, tiny_model, tmp_path):
+    import tinker
+
+    math_path = tmp_path / "math_rl"
+    run_recipe(
+        server, tiny_model, "math_rl", math_path,
+        "max_steps=2", "groups_per_batch=2", "group_size=4", "max_tokens=4", "save_every=0",
+    )  # fmt: skip
+    rows = metrics(math_path)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all("env/all/correct" in r and "optim/kl_sample_train_v1" in r for r in rows)
+
+    sl_path = tmp_path / "sl"
+    run_recipe(server, tiny_model, "sl", sl_path, "max_steps=2", "batch_size=4", "save_every=2")
+    rows = metrics(sl_path)
+    assert len(rows) == 2 and all(r["train_mean_nll"] > 0 for r in rows)
+
+    # The recipes' checkpoints are on the server, listed for this key's tenant.
+    url, key, _ = server
+    rest = tinker.RestClient(base_url=url, api_key=key)
+    checkpoints = rest.list_user_checkpoints().result().checkpoints
+    assert any(c.checkpoint_id == "weights/final" for c in checkpoints)
+    assert any(c.checkpoint_id == "sampler_weights/final" for c in checkpoints)
