@@ -609,3 +609,12 @@ def test_runs_and_checkpoints_survive_a_restart(server_env, tiny_model, tmp_path
         )
     finally:
         second.stop()
+
+
+def test_unsupported_endpoints_say_so(server_env):
+    with raw(server_env) as http:
+        for path in ("/copy_weights", "/save_weights_external", "/create_custom_loss"):
+            response = http.post(path, json={})
+            assert response.status_code == 400 and "not supported" in response.json()["detail"]
+    with raw(server_env, who="") as anonymous:
+        assert anonymous.post("/copy_weights", json={}).status_code == 401

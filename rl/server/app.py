@@ -211,19 +211,28 @@ def create_app(state: ServerState, keys: KeyStore) -> FastAPI:
             raise InvalidRequestError("load_weights needs model_id or session_id + model_seq_id")
         return future(state.load_weights(who, body), body.model_id)
 
-    @app.post("/api/v1/save_weights_external")
-    async def save_external(_: str = Depends(tenant)) -> Any:
-        raise InvalidRequestError(
-            "save_weights_external is not supported: sampler checkpoints are standard PEFT "
-            "directories already (see GET /api/v1/weights_info for where they are)"
-        )
-
-    @app.post("/api/v1/create_custom_loss")
-    async def create_custom_loss(_: str = Depends(tenant)) -> Any:
-        raise InvalidRequestError(
-            "server-side custom losses are not supported; this server tells the SDK to run "
-            "them client-side (custom_loss_server_side=false)"
-        )
+    # Endpoints of the protocol this server does not implement: a clear 400, not a bare 404.
+    unsupported = {
+        ("POST", "/save_weights_external"): "sampler checkpoints are standard PEFT "
+        "directories already, on this machine",
+        ("POST", "/create_custom_loss"): "this server tells the SDK to run custom losses "
+        "client-side (custom_loss_server_side=false)",
+        ("POST", "/copy_weights"): "load the checkpoint into a new training client instead",
+        ("POST", "/unload_model"): "models are released when the server stops",
+        ("POST", "/auth/token"): "this server takes API keys only (pjwt_auth_enabled=false)",
+        ("POST", "/retrieve_futures"): "poll retrieve_future (sample_use_retrieve_futures=false)",
+        ("POST", "/join_sampling_session"): "sample_join_sampling_session=false",
+        ("POST", "/cancel_future"): "sample_cancel_enabled=false",
+        ("POST", "/training_runs/{run_id}/checkpoints/{kind}/{name}/publish"): "checkpoints "
+        "are private to their tenant",
+        ("DELETE", "/training_runs/{run_id}/checkpoints/{kind}/{name}/publish"): "checkpoints "
+        "are private to their tenant",
+        ("GET", "/training_runs/{run_id}/checkpoints/{kind}/{name}/external_weights_urls"): (
+            "sampler checkpoints are standard PEFT directories already, on this machine"
+        ),
+    }
+    for (method, path), why in unsupported.items():
+        app.add_api_route(f"/api/v1{path}", _refusal(tenant, path, why), methods=[method])
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -350,6 +359,13 @@ def create_app(state: ServerState, keys: KeyStore) -> FastAPI:
         ).model_dump(mode="json")
 
     return app
+
+
+def _refusal(tenant: Any, path: str, why: str) -> Any:
+    async def refuse(_: str = Depends(tenant)) -> Any:
+        raise InvalidRequestError(f"{path} is not supported by this server: {why}")
+
+    return refuse
 
 
 class _UnauthorizedError(Exception):
