@@ -272,7 +272,10 @@ def create_app(state: ServerState, keys: KeyStore) -> FastAPI:
     async def retrieve_future(body: tt.FutureRetrieveRequest, who: str = Depends(tenant)) -> Any:
         item = state.futures.get(who, body.request_id)
         if not await state.futures.wait(item, config.long_poll_s):
-            return {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}
+            # 408 with the try_again body: the SDK re-polls at once, as for a 200 try_again,
+            # but without logging a warning per poll.
+            pending = {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}
+            return JSONResponse(pending, 408)
         error = item.future.exception()
         if error is not None:
             return {"error": str(error), "category": _category(error)}
