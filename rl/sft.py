@@ -50,13 +50,19 @@ from rl.checkpointing import (
     CheckpointRecord,
     append_checkpoint,
     checkpoint_root,
+    last_checkpoint,
     rng_from_json,
     rng_state_to_json,
     start_run,
 )
 from rl.cli import doc, parse_config
-from rl.console import echo, link_ray_logs, route_logs
-from rl.errors import CheckpointError, EngineRoomError, InvalidRequestError
+from rl.console import echo, link_ray_logs, route_logs, warn
+from rl.errors import (
+    CheckpointError,
+    EngineRoomError,
+    InvalidRequestError,
+    TrainerRestartedError,
+)
 from rl.futures import APIFuture
 from rl.metrics_log import MetricsLogger
 from rl.plot import write_run_curves
@@ -398,17 +404,34 @@ def main(config: SFTConfig, service: Any = None) -> SFTResult:
             f"sft: {len(datums)} conversations ({len(conversations) - len(datums)} skipped), "
             f"{total} steps, run dir {run_dir}" + (f", resuming at step {start}" if resume else "")
         )
-        with MetricsLogger(
-            run_dir,
-            total_steps=total,
-            start_step=start,
-            wandb_project=config.wandb_project,
-            wandb_name=config.wandb_name,
-            config=run_config,
-        ) as logger:
-            result = _train(
-                config, client, run_dir, datums, eval_datums, order, start, total, logger
-            )
+        while True:
+            with MetricsLogger(
+                run_dir,
+                total_steps=total,
+                start_step=start,
+                wandb_project=config.wandb_project,
+                wandb_name=config.wandb_name,
+                config=run_config,
+            ) as logger:
+                try:
+                    result = _train(
+                        config, client, run_dir, datums, eval_datums, order, start, total, logger
+                    )
+                    break
+                except TrainerRestartedError as error:
+                    # The trainer died and steps were lost: go on from the last checkpoint
+                    # in this process, as a new process would resume (same batches).
+                    resume = last_checkpoint(run_dir) or resume
+                    if resume is not None:
+                        client.load_state_with_optimizer(resume.state_path).result()
+                    order = DataOrder(
+                        len(datums),
+                        config.batch_size,
+                        config.seed,
+                        resume.loop_state if resume else None,
+                    )
+                    start = resume.step if resume else 0
+                    warn(f"{error} Resuming at step {start}.")
         result.resumed_from = start if resume else None
         return result
     finally:

@@ -52,6 +52,7 @@ from envs.base import EnvGroupBuilder, RLDataset, TrajectoryGroup
 from envs.chat import ChatRenderer
 from rl.checkpointing import (
     checkpoint_root,
+    last_checkpoint,
     rng_from_json,
     rng_state_to_json,
     save_checkpoint,
@@ -60,7 +61,7 @@ from rl.checkpointing import (
 from rl.cli import doc, parse_config
 from rl.console import echo, link_ray_logs, progress_bar, route_logs, warn
 from rl.data import groups_to_datums, rollout_metrics
-from rl.errors import InvalidRequestError
+from rl.errors import InvalidRequestError, TrainerRestartedError
 from rl.losses import LOSSES, resolve_config
 from rl.metrics_log import MetricsLogger
 from rl.plot import write_run_curves
@@ -86,6 +87,7 @@ RESUMABLE_KEYS = (
     "max_retries",
     "rollout_timeout_s",
     "trainer_threads",
+    "trainer_max_tokens",
     "sampler_threads",
     "verbose",
 )
@@ -158,6 +160,11 @@ class Config:
     max_context: int = doc(1024, "sampler context length (prompt + reply), <= the model's own")
     trainer_dtype: Literal["auto", "bfloat16", "float32"] = doc("float32", "trainer base dtype")
     trainer_threads: int = doc(0, "torch threads in the trainer (0 = all cores)")
+    trainer_max_tokens: int = doc(
+        2048,
+        "tokens per trainer model call; a batch is split into calls, each backpropagated at "
+        "once, so this bounds the trainer's peak memory (same sums, ~3 GB for SmolLM2 here)",
+    )
     sampler_threads: int = doc(0, "torch threads in each sampler engine (0 = all cores)")
 
     def __post_init__(self) -> None:
@@ -168,6 +175,7 @@ class Config:
             "max_tokens",
             "rank",
             "max_context",
+            "trainer_max_tokens",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -215,6 +223,7 @@ def make_service(config: Config) -> Any:
         trainer_config=TrainerConfig(
             dtype=config.trainer_dtype,
             num_threads=config.trainer_threads,
+            max_tokens_per_batch=config.trainer_max_tokens,
             checkpoint_dir=str(checkpoint_root(config.log_dir)),
         ),
         sampler_config=SamplerConfig(
@@ -457,7 +466,12 @@ class RLTrainer:
         """Runs (or resumes) the loop to `num_steps`; returns the per-step metrics."""
         try:
             start = self._setup()
-            asyncio.run(self._run(start))
+            while True:
+                try:
+                    asyncio.run(self._run(start))
+                    break
+                except TrainerRestartedError as error:  # the trainer died: steps were lost
+                    start = self._back_to_last_checkpoint(error)
         finally:
             logger = getattr(self, "logger", None)  # unset if setup failed
             if logger is not None:
@@ -467,6 +481,31 @@ class RLTrainer:
             if getattr(self, "log_route", None) is not None:
                 self.log_route.close()
         return self.history
+
+    def _back_to_last_checkpoint(self, error: TrainerRestartedError) -> int:
+        """After a trainer restart lost steps: the run goes on from its last checkpoint in
+        this process, as a new process would resume it (same data order, same RNG)."""
+        config = self.config
+        record = last_checkpoint(self.run_dir)
+        if record is None:
+            self.rng, start = random.Random(config.seed), 0
+        else:  # the client is restored to its last save already; this also covers a save
+            # that died before its record was written
+            self.client.load_state_with_optimizer(record.state_path).result()
+            self.rng, start = rng_from_json(record.loop_state["rng"]), record.step
+        warn(f"{error} Resuming at step {start}.")
+        self.history = [h for h in self.history if h["step"] < start]
+        self.evals = [(step, accuracy) for step, accuracy in self.evals if step < start]
+        self.logger.close()  # a new one drops the metrics of steps >= start
+        self.logger = MetricsLogger(
+            self.run_dir,
+            total_steps=config.num_steps,
+            start_step=start,
+            wandb_project=config.wandb_project,
+            wandb_name=config.wandb_name,
+            config=dataclasses.asdict(config),
+        )
+        return start
 
     async def _run(self, start: int) -> None:
         config = self.config
