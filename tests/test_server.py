@@ -618,3 +618,25 @@ def test_unsupported_endpoints_say_so(server_env):
             assert response.status_code == 400 and "not supported" in response.json()["detail"]
     with raw(server_env, who="") as anonymous:
         assert anonymous.post("/copy_weights", json={}).status_code == 401
+
+
+def test_legacy_load_state_and_get_sampler(server_env, alice, tiny_model):
+    """The deprecated in-place `load_state` (load_weights addressed by model_id + seq_id)."""
+    source = alice.create_lora_training_client(tiny_model, rank=4, seed=12).result()
+    source.forward_backward(datums(1), "cross_entropy")
+    source.optim_step(types.AdamParams(learning_rate=1e-2))
+    path = source.save_state("legacy").result().path
+    target = alice.create_lora_training_client(tiny_model, rank=4, seed=13).result()
+    probe = datums(2)
+    assert logprobs_of(target.forward(probe, "cross_entropy").result()) != pytest.approx(
+        logprobs_of(source.forward(probe, "cross_entropy").result()), abs=1e-6
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target.load_state(path).result()
+    assert logprobs_of(target.forward(probe, "cross_entropy").result()) == pytest.approx(
+        logprobs_of(source.forward(probe, "cross_entropy").result()), abs=1e-6
+    )
+    sampler = source.save_weights_and_get_sampling_client().result()
+    record = rest_alice(server_env).get_sampler(sampler._sampling_session_id).result()
+    assert record.base_model == tiny_model
