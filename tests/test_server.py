@@ -289,30 +289,15 @@ def test_out_of_order_seq_ids_run_in_order(server_env, alice, tiny_model):
         model_id=model_id,
         seq_id=1,
     )
+    step = {"adam_params": {"learning_rate": 0.01}, "model_id": model_id, "seq_id": 2}
     with raw(server_env) as http:
-        optim = http.post(
-            "/optim_step",
-            json={
-                "adam_params": {"learning_rate": 0.01},
-                "model_id": model_id,
-                "seq_id": 2,
-                "type": "optim_step",
-            },
-        ).json()
+        optim = http.post("/optim_step", json=step).json()
         first = http.post(
             "/forward_backward",
             content=forward_backward_request_to_proto(fb).SerializeToString(),
             headers={"Content-Type": "application/x-protobuf"},
         ).json()
-        again = http.post(  # a retried request gets the same future, not a second run
-            "/optim_step",
-            json={
-                "adam_params": {"learning_rate": 0.01},
-                "model_id": model_id,
-                "seq_id": 2,
-                "type": "optim_step",
-            },
-        ).json()
+        again = http.post("/optim_step", json=step).json()  # a retry: the same future
         assert again["request_id"] == optim["request_id"]
         done = poll(http, optim["request_id"])
         assert done["metrics"]["step:max"] == 1.0, done

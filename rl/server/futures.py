@@ -104,15 +104,30 @@ def chain(
 ) -> concurrent.futures.Future:
     """A future of `fn(inner's result)`; `fn` runs in the thread that finished `inner`."""
     outer: concurrent.futures.Future = concurrent.futures.Future()
+    inner.add_done_callback(lambda f: settle(outer, lambda: fn(f.result())))
+    return outer
+
+
+def flatten(future: concurrent.futures.Future) -> concurrent.futures.Future:
+    """A future whose result is itself a future, as one future."""
+    outer: concurrent.futures.Future = concurrent.futures.Future()
 
     def done(f: concurrent.futures.Future) -> None:
-        try:
-            outer.set_result(fn(f.result()))
-        except BaseException as error:
-            outer.set_exception(error)
+        if f.exception() is not None:
+            outer.set_exception(f.exception())
+        else:
+            f.result().add_done_callback(lambda g: settle(outer, g.result))
 
-    inner.add_done_callback(done)
+    future.add_done_callback(done)
     return outer
+
+
+def settle(target: concurrent.futures.Future, compute: Callable[[], Any]) -> None:
+    """Sets `target` to `compute()`'s value, or to the exception it raised."""
+    try:
+        target.set_result(compute())
+    except BaseException as error:
+        target.set_exception(error)
 
 
 def failed(error: BaseException) -> concurrent.futures.Future:
@@ -172,14 +187,7 @@ def _dispatch(
     except BaseException as error:  # a synchronous rejection: the request fails, order goes on
         outer.set_exception(error)
         return
-
-    def done(f: concurrent.futures.Future) -> None:
-        try:
-            outer.set_result(f.result())
-        except BaseException as error:
-            outer.set_exception(error)
-
-    inner.add_done_callback(done)
+    inner.add_done_callback(lambda f: settle(outer, f.result))
 
 
-__all__ = ["FutureStore", "ModelOrder", "Pending", "chain", "failed"]
+__all__ = ["FutureStore", "ModelOrder", "Pending", "chain", "failed", "flatten", "settle"]

@@ -26,7 +26,7 @@ import rl.sampling_client as sampling
 from rl.errors import InvalidRequestError, NotFoundError
 from rl.models import resolve_model
 from rl.server.config import ServerConfig
-from rl.server.futures import FutureStore, ModelOrder, chain, failed
+from rl.server.futures import FutureStore, ModelOrder, chain, failed, flatten
 from rl.server.store import RunRecord, RunStore, tinker_path
 from rl.server.wire import ForwardBackwardCall, model_input, sampling_params
 from rl.types import AdamParams
@@ -308,7 +308,7 @@ class ServerState:
                 return _blocking.submit(self._finish_sync, tenant, sampler_id, client, pending)
 
             begun = sampling.begin_sync(client).future()
-            return _flatten(chain(begun, finish))
+            return flatten(chain(begun, finish))
 
         return self.in_order(tenant, request.model_id, request.seq_id, start)
 
@@ -428,29 +428,6 @@ def _check_sample_options(request: tt.SampleRequest) -> None:
     asked = [name for name, value in unsupported.items() if value]
     if asked:
         raise InvalidRequestError(f"this server does not support {', '.join(asked)} yet")
-
-
-def _flatten(future: concurrent.futures.Future) -> concurrent.futures.Future:
-    """A future whose result is itself a future, as one future."""
-    outer: concurrent.futures.Future = concurrent.futures.Future()
-
-    def done(f: concurrent.futures.Future) -> None:
-        try:
-            inner = f.result()
-        except BaseException as error:
-            outer.set_exception(error)
-            return
-        inner.add_done_callback(lambda g: _copy(g, outer))
-
-    future.add_done_callback(done)
-    return outer
-
-
-def _copy(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
-    try:
-        target.set_result(source.result())
-    except BaseException as error:
-        target.set_exception(error)
 
 
 __all__ = ["Model", "Sampler", "ServerState", "Session", "tinker_path"]
