@@ -38,6 +38,23 @@ def ray_get(ref: Any) -> Any:
         raise unwrap_ray_error(e) from None
 
 
+def settle(target: concurrent.futures.Future, compute: Callable[[], Any]) -> None:
+    """Sets `target` to `compute()`'s value, or to the exception it raised."""
+    try:
+        target.set_result(compute())
+    except BaseException as error:
+        target.set_exception(error)
+
+
+def chain(
+    inner: concurrent.futures.Future, fn: Callable[[Any], Any] = lambda x: x
+) -> concurrent.futures.Future:
+    """A future of `fn(inner's result)`; `fn` runs in the thread that finished `inner`."""
+    outer: concurrent.futures.Future = concurrent.futures.Future()
+    inner.add_done_callback(lambda f: settle(outer, lambda: fn(f.result())))
+    return outer
+
+
 class APIFuture(Generic[T]):
     def __init__(self, future: concurrent.futures.Future[T]):
         self._future = future

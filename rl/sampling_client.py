@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from rl.errors import CheckpointError, InvalidRequestError
-from rl.futures import APIFuture, unwrap_ray_error
+from rl.futures import APIFuture, chain, unwrap_ray_error
 from rl.models import resolve_model
 from rl.snapshot import Snapshot
 from rl.types import Datum, ModelInput, SampleResponse, SamplingParams
@@ -117,7 +117,7 @@ class SamplingClient:
         future = self.sample(
             prompt, 1, SamplingParams(max_tokens=1, temperature=0.0), include_prompt_logprobs=True
         )
-        return APIFuture(_then(future, lambda response: list(response.prompt_logprobs or [])))
+        return APIFuture(chain(future.future(), lambda r: list(r.prompt_logprobs or [])))
 
     async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
         return await self.compute_logprobs(prompt)
@@ -423,21 +423,6 @@ def _tokenizer(pool: SamplerPool) -> Any:
     if pool.tokenizer is None:
         pool.tokenizer = AutoTokenizer.from_pretrained(pool.model_dir)
     return pool.tokenizer
-
-
-def _then(future: APIFuture[Any], fn: Any) -> Any:
-    import concurrent.futures
-
-    out: concurrent.futures.Future = concurrent.futures.Future()
-
-    def done(inner: concurrent.futures.Future) -> None:
-        try:
-            out.set_result(fn(inner.result()))
-        except BaseException as error:
-            out.set_exception(error)
-
-    future.future().add_done_callback(done)
-    return out
 
 
 __all__ = [

@@ -21,9 +21,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from rl.errors import NotFoundError
+from rl.futures import settle
 
 Encoding = Literal["json", "forward_backward", "sample"]
 # Finished results are kept this long after they finish, for clients that poll late.
@@ -99,15 +100,6 @@ class FutureStore:
             del self._items[rid]
 
 
-def chain(
-    inner: concurrent.futures.Future, fn: Callable[[Any], Any] = lambda x: x
-) -> concurrent.futures.Future:
-    """A future of `fn(inner's result)`; `fn` runs in the thread that finished `inner`."""
-    outer: concurrent.futures.Future = concurrent.futures.Future()
-    inner.add_done_callback(lambda f: settle(outer, lambda: fn(f.result())))
-    return outer
-
-
 def flatten(future: concurrent.futures.Future) -> concurrent.futures.Future:
     """A future whose result is itself a future, as one future."""
     outer: concurrent.futures.Future = concurrent.futures.Future()
@@ -120,14 +112,6 @@ def flatten(future: concurrent.futures.Future) -> concurrent.futures.Future:
 
     future.add_done_callback(done)
     return outer
-
-
-def settle(target: concurrent.futures.Future, compute: Callable[[], Any]) -> None:
-    """Sets `target` to `compute()`'s value, or to the exception it raised."""
-    try:
-        target.set_result(compute())
-    except BaseException as error:
-        target.set_exception(error)
 
 
 def failed(error: BaseException) -> concurrent.futures.Future:
@@ -190,4 +174,4 @@ def _dispatch(
     inner.add_done_callback(lambda f: settle(outer, f.result))
 
 
-__all__ = ["FutureStore", "ModelOrder", "Pending", "chain", "failed", "flatten", "settle"]
+__all__ = ["FutureStore", "ModelOrder", "Pending", "failed", "flatten"]

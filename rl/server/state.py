@@ -24,9 +24,10 @@ from tinker import types as tt
 
 import rl.sampling_client as sampling
 from rl.errors import InvalidRequestError, NotFoundError
+from rl.futures import chain
 from rl.models import resolve_model
 from rl.server.config import ServerConfig
-from rl.server.futures import FutureStore, ModelOrder, chain, failed, flatten
+from rl.server.futures import FutureStore, ModelOrder, failed, flatten
 from rl.server.store import RunRecord, RunStore, tinker_path
 from rl.server.wire import ForwardBackwardCall, model_input, sampling_params
 from rl.types import AdamParams
