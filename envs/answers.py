@@ -16,6 +16,10 @@ _NUMBER_RE = re.compile(_NUMBER)
 _HASHES_RE = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")
 _ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:|=)\s*:?\s*\$?\s*(" + _NUMBER + ")", re.IGNORECASE)
 _BARE_RE = re.compile(r"\s*\$?\s*(" + _NUMBER + r")\s*\.?\s*")
+# "3 + 7 = 10", "12 - 3 * 2 = 6.": numbers joined by + - * (or x, ×), then "=" and one number.
+_EQUATION_RE = re.compile(
+    r"\s*" + _NUMBER + r"(?:\s*[-+*x×]\s*" + _NUMBER + r")+\s*=\s*" + _NUMBER + r"\s*\.?\s*"
+)
 
 
 def parse_number(text: str) -> float | None:
@@ -64,6 +68,11 @@ def is_bare_number(text: str) -> bool:
     return parse_number(text) is not None
 
 
+def is_equation(text: str) -> bool:
+    """True if the reply is one equation that ends in its result ("3 + 7 = 10")."""
+    return _EQUATION_RE.fullmatch(text) is not None
+
+
 def check_number(response: str, answer: str) -> float:
     """1.0 if the reply's extracted answer equals the reference number `answer`, else 0.0."""
     expected = parse_number(answer)
@@ -81,3 +90,8 @@ def answer_marker_format(response: str) -> float:
 def bare_number_format(response: str) -> float:
     """Format check for arithmetic: 1.0 if the reply is just the number."""
     return float(is_bare_number(response))
+
+
+def equation_format(response: str) -> float:
+    """Format check for arithmetic: 1.0 if the reply is the equation with its result."""
+    return float(is_equation(response))

@@ -1,7 +1,8 @@
 """Generated arithmetic problems ("What is 7 + 12 * 3?"), seeded, with configurable difficulty.
 
 The reply is graded on its final number (`envs.answers.check_number`); the format check asks
-for the bare number, which a small instruct model learns within a few RL steps.
+for the equation with its result ("3 + 7 = 10", `envs.answers.equation_format`), a form that
+SmolLM2-135M-Instruct reaches now and then and RL makes the rule.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from envs.answers import bare_number_format, check_number
+from envs.answers import check_number, equation_format
 from envs.base import EnvError
 from envs.chat import ChatRenderer
 from envs.problem import Problem, ProblemDataset, ProblemTask
@@ -35,8 +36,15 @@ LEVELS = {
 TASK = ProblemTask(
     name="arithmetic",
     check_answer=check_number,
-    check_format=bare_number_format,
-    system_prompt="You are a calculator. Reply with only the final number.",
+    # The asked-for form is one the small model can reach: it writes "a + b = c" now and then
+    # (a bare number almost never at temperature 1), and RL makes it the rule.
+    check_format=equation_format,
+    # The format weighs as much as the answer: a correct reply in another form scores 0, as does
+    # a wrong equation, so a group rewards whichever of the two a reply gets right.
+    format_coef=1.0,
+    system_prompt=(
+        "You are a calculator. Reply with only the equation and its result, like 2 + 2 = 4."
+    ),
 )
 
 

@@ -15,7 +15,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from envs import arithmetic, guess_number, math_word
-from envs.answers import check_number, extract_answer, has_answer_marker, is_bare_number
+from envs.answers import (
+    bare_number_format,
+    check_number,
+    equation_format,
+    extract_answer,
+    has_answer_marker,
+    is_bare_number,
+)
 from envs.base import EnvError, EnvGroupBuilder, Trajectory, TrajectoryGroup, Transition
 from envs.chat import ChatRenderer
 from envs.math_word_templates import DATA_PATH, generate
@@ -107,7 +114,7 @@ def test_problem_env_prompt(renderer):
 
 
 def test_problem_reward_formula(renderer):
-    task = _task(check_format=arithmetic.bare_number_format)
+    task = _task(check_format=bare_number_format)
     cases = [("42", True, 1.0, 1.0), ("It is 42", True, 0.9, 0.0), ("41", True, 0.0, 1.0)]
     cases += [("It is 41", True, -0.1, 0.0), ("42", False, 0.9, 0.0)]  # cut off: format fails
     for text, ended, reward, format_ok in cases:
@@ -115,6 +122,18 @@ def test_problem_reward_formula(renderer):
         assert result.episode_done
         assert result.reward == pytest.approx(reward), text
         assert result.metrics["format"] == format_ok
+
+
+def test_arithmetic_asks_for_the_equation_and_weighs_format_as_much_as_the_answer(renderer):
+    well_formed = ["3 + 7 = 10", "3 + 7 = 10.", "12 - 3 * 2 = 6", " 3+7=10 "]
+    assert [equation_format(t) for t in well_formed] == [1.0] * 4
+    ill_formed = ["10", "The answer is 10.", "3 + 7 = 10\n\nSo the sum is 10", "= 10", "3 = 3"]
+    assert [equation_format(t) for t in ill_formed] == [0.0] * 5
+    # _step asks "What is 6 * 7?"
+    cases = [("6 * 7 = 42", 1.0), ("6 * 7 = 41", 0.0), ("It is 42.", 0.0), ("Forty", -1.0)]
+    for text, reward in cases:
+        result = _step(renderer, arithmetic.TASK, text, True)
+        assert result.reward == pytest.approx(reward), text
 
 
 @pytest.mark.parametrize("bad", [float("nan"), "1", None, True])
