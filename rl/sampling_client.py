@@ -240,6 +240,10 @@ def _begin(training_client: TrainingClient, sync_mode: str | None) -> PendingSyn
         # The same weights as an adapter, for this client after a later sync (snapshot).
         snapshot_source = trainer.adapter_weights.remote(model_id)
     probe = _trainer_probe(training_client, pool) if config.verify_sync else None
+    # A barrier behind the exports on the trainer: once it answers, the weights are in Ray's
+    # object store and outlive the trainer; a trainer that died before raises here, inside
+    # the client's queue, which restarts it and runs this sync again (rl/trainer_host.py).
+    ray.get(trainer.base_model_path.remote())
     ticket = training_client._sync_turns.take()
     return PendingSync(training_client, pool, mode, source, probe, ticket, began, snapshot_source)
 
