@@ -43,6 +43,8 @@ def build_service(config: ServerConfig) -> Any:
             max_lora_rank=config.max_lora_rank,
             enforce_eager=config.enforce_eager,
         ),
+        # The actors' output (vLLM's config dumps, per-sync warnings) stays in Ray's log files.
+        log_to_driver=config.verbose,
     )
 
 

@@ -77,24 +77,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(config: ServerConfig) -> int:
     """Starts the engine (Ray, on first use the trainer and samplers) and serves until ^C."""
+    from rl.console import link_ray_logs, route_logs
     from rl.server import build_service, start_in_thread
 
     logging.basicConfig(level=logging.INFO if config.verbose else logging.WARNING)
+    # Library logs (Ray, vLLM, transformers) go to <home>/logs unless --verbose.
+    route = route_logs(config.resolved_home(), verbose=config.verbose)
     keys = KeyStore(config.resolved_keys_file())
     first_key = keys.add("default") if not keys.entries() else None
     service = build_service(config)
     running = start_in_thread(config, service)
+    link_ray_logs(config.resolved_home())
     print(f"engineroom Tinker server on {running.url} (models: {config.models})")
     print(f"  export TINKER_BASE_URL={running.url}")
     if first_key:
         print(f"  export TINKER_API_KEY={first_key}   # tenant 'default'; shown only now")
-    print(f"  keys: {config.resolved_keys_file()} (python -m rl.server keys add NAME)", flush=True)
+    print(f"  keys: {config.resolved_keys_file()} (python -m rl.server keys add NAME)")
+    print(f"  logs: {route.logs_dir}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     running.stop()
     service.close()
+    route.close()
     return 0
 
 

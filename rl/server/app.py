@@ -103,8 +103,14 @@ def create_app(state: ServerState, keys: KeyStore) -> FastAPI:
         return JSONResponse({"detail": str(error)}, 404)
 
     @app.exception_handler(InvalidRequestError)
-    async def invalid(_: Request, error: InvalidRequestError) -> JSONResponse:
+    @app.exception_handler(CheckpointError)
+    async def invalid(_: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, 400)
+
+    @app.exception_handler(Exception)
+    async def failed(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return JSONResponse({"detail": f"{type(error).__name__}: {error}"}, 500)
 
     def tenant(request: Request) -> str:
         name = keys.tenant_for(request.headers.get("x-api-key"))
