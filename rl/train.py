@@ -451,14 +451,7 @@ class RLTrainer:
             if config.kl_penalty_coef > 0
             else None
         )
-        self.logger = MetricsLogger(
-            self.run_dir,
-            total_steps=config.num_steps,
-            start_step=start,
-            wandb_project=config.wandb_project,
-            wandb_name=config.wandb_name,
-            config=dataclasses.asdict(config),
-        )
+        self.logger = self._logger(start)
         return start
 
     # -- run ---------------------------------------------------------------------------------
@@ -498,7 +491,13 @@ class RLTrainer:
         self.history = [h for h in self.history if h["step"] < start]
         self.evals = [(step, accuracy) for step, accuracy in self.evals if step < start]
         self.logger.close()  # a new one drops the metrics of steps >= start
-        self.logger = MetricsLogger(
+        self.logger = self._logger(start)
+        return start
+
+    def _logger(self, start: int) -> MetricsLogger:
+        """The run's metrics logger from step `start` (it drops records of later steps)."""
+        config = self.config
+        return MetricsLogger(
             self.run_dir,
             total_steps=config.num_steps,
             start_step=start,
@@ -506,7 +505,6 @@ class RLTrainer:
             wandb_name=config.wandb_name,
             config=dataclasses.asdict(config),
         )
-        return start
 
     async def _run(self, start: int) -> None:
         config = self.config

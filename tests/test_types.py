@@ -95,8 +95,11 @@ def test_public_api_signatures_are_pinned():
 
     assert params(rl.ServiceClient.create_lora_training_client) == [
         "self", "base_model", "rank", "seed", "train_mlp", "train_attn", "train_unembed",
-        "user_metadata",
+        "user_metadata", "model_id",
     ]  # fmt: skip
+    # model_id (the HTTP server passes Tinker's) is keyword-only: positional calls are as Tinker's.
+    kind = inspect.signature(rl.ServiceClient.create_lora_training_client).parameters["model_id"]
+    assert kind.kind is inspect.Parameter.KEYWORD_ONLY
     assert params(rl.TrainingClient.forward_backward) == [
         "self",
         "data",
@@ -111,6 +114,7 @@ def test_public_api_signatures_are_pinned():
         "self",
         "path",
         "base_model",
+        "model_id",
     ]
     assert list(types.AdamParams.model_fields) == [
         "learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm",
