@@ -13,7 +13,6 @@ from rl.errors import (
     NotFoundError,
     WeightSyncError,
 )
-from rl.futures import APIFuture
 from rl.types import (
     AdamParams,
     Datum,
@@ -26,8 +25,10 @@ from rl.types import (
 )
 
 # The clients import the trainer package, which imports rl.types and rl.losses: load them on
-# first use so that `import trainers` inside an actor does not import the client side.
+# first use so that `import trainers` inside an actor does not import the client side, and
+# the trainer engine imports without Ray (bench/gpu_check.py runs it where Ray is not).
 _LAZY = {
+    "APIFuture": "rl.futures",
     "ServiceClient": "rl.service_client",
     "TrainingClient": "rl.training_client",
     "SamplingClient": "rl.sampling_client",

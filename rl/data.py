@@ -166,6 +166,25 @@ def groups_to_datums(
     return datums_D
 
 
+def scale_advantages(datums: Sequence[Datum], factor: float) -> list[Datum]:
+    """The datums with every advantage multiplied by `factor` (> 0).
+
+    With `factor` = 1 / (tokens sampled in the batch), a summed policy loss becomes the token
+    mean of DAPO and TRL's `loss_type="dapo"`: the gradient no longer grows with the batch's
+    length, so a fixed clip norm and learning rate mean the same at any batch size. Exact for
+    losses linear in the advantage (importance_sampling, ppo, cispo); dro's quadratic term
+    is not scaled.
+    """
+    if not (math.isfinite(factor) and factor > 0):
+        raise InvalidRequestError(f"scale_advantages: factor must be finite and > 0, got {factor}")
+    scaled = []
+    for datum in datums:
+        advantages = datum.loss_fn_inputs["advantages"].to_numpy() * factor
+        inputs = {**datum.loss_fn_inputs, "advantages": to_tensor_data(advantages, "advantages")}
+        scaled.append(Datum(model_input=datum.model_input, loss_fn_inputs=inputs))
+    return scaled
+
+
 def supervised_datum(tokens: Sequence[int], weights: Sequence[float]) -> Datum:
     """An SFT datum from `ChatRenderer.render_supervised` output (weights aligned with tokens)."""
     if len(tokens) != len(weights) or len(tokens) < 2:

@@ -9,12 +9,17 @@ resources asked for, what the cluster has, and what is free now.
 
 A restarted actor keeps its reservation (Ray restarts it inside the same bundle), and an actor
 that replaces a dead one reuses it, so neither waits again.
+
+Besides CPUs and GPUs (a fraction of one GPU is allowed, so that a trainer and a sampler can
+share it), a reservation may hold custom resources, the names a node was started with
+(`ray start --resources '{"trainer_node": 1}'`): asking for one pins the actor to such a node.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -26,6 +31,7 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rl.errors import EngineRoomError
+from rl.placement import Strategy, check_gpus, check_resources
 
 
 class ResourcesUnavailableError(EngineRoomError, RuntimeError):
@@ -40,13 +46,17 @@ class Reservation:
     num_cpus: float
     num_gpus: float
     group: PlacementGroup | None
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources
+    bundle_index: int = 0  # this actor's bundle in a group shared by several (reserve_bundles)
 
     def actor_options(self) -> dict[str, Any]:
         """Ray `.options(...)` that start an actor inside this reservation."""
         options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
         if self.group is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                self.group, placement_group_bundle_index=0
+                self.group, placement_group_bundle_index=self.bundle_index
             )
         return options
 
@@ -58,31 +68,62 @@ class Reservation:
             self.group = None
 
 
-def reserve(what: str, num_cpus: float, num_gpus: float, timeout_s: float) -> Reservation:
-    """Reserves `num_cpus` / `num_gpus` for the actor `what`, waiting at most `timeout_s`."""
+def reserve(
+    what: str,
+    num_cpus: float,
+    num_gpus: float,
+    timeout_s: float,
+    resources: Mapping[str, float] | None = None,
+    strategy: Strategy = "PACK",
+) -> Reservation:
+    """Reserves `num_cpus` / `num_gpus` / custom `resources` for the actor `what`, waiting at
+    most `timeout_s`; `strategy` is the placement group's (rl.resources.Strategy)."""
+    return reserve_bundles(what, 1, num_cpus, num_gpus, timeout_s, resources, strategy)[0]
+
+
+def reserve_bundles(
+    what: str,
+    count: int,
+    num_cpus: float,
+    num_gpus: float,
+    timeout_s: float,
+    resources: Mapping[str, float] | None = None,
+    strategy: Strategy = "PACK",
+) -> list[Reservation]:
+    """`count` actors' resources as one placement group of `count` equal bundles, placed by
+    `strategy` (STRICT_PACK: all on one node; SPREAD: over nodes), all or nothing. Each
+    returned reservation starts one actor in its own bundle; releasing one frees them all."""
+    custom = check_resources(resources or {}, what)
+    check_gpus(num_gpus, what)
     bundle = {
-        name: float(amount) for name, amount in (("CPU", num_cpus), ("GPU", num_gpus)) if amount > 0
+        name: float(amount)
+        for name, amount in (("CPU", num_cpus), ("GPU", num_gpus), *custom.items())
+        if amount > 0
     }
     if not bundle:  # nothing to wait for; Ray rejects an empty bundle
-        return Reservation(what, num_cpus, num_gpus, None)
-    group = placement_group([bundle])
+        return [Reservation(what, num_cpus, num_gpus, None, custom) for _ in range(count)]
+    group = placement_group([bundle] * count, strategy=strategy)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         with contextlib.suppress(Exception):
             remove_placement_group(group)
+        keys = set(bundle)
+        times = f"{count} x " if count > 1 else ""
         raise ResourcesUnavailableError(
             f"{what} could not be scheduled within {timeout_s:g} s: it asks for "
-            f"{_show(bundle)}, and the Ray cluster has {_show(ray.cluster_resources())} in all, "
-            f"{_show(ray.available_resources())} free now. Close clients you no longer need, "
-            "lower the reservation (TrainerConfig.num_cpus, SamplerConfig.num_cpus_per_actor / "
-            "num_gpus_per_actor), or start Ray with more (ray.init(num_cpus=...), "
-            "ServiceClient(num_cpus=...)); the wait is TrainerConfig/SamplerConfig."
-            "schedule_timeout_s."
+            f"{times}{_show(bundle, keys)} ({strategy}), and the Ray cluster has "
+            f"{_show(ray.cluster_resources(), keys)} in all, "
+            f"{_show(ray.available_resources(), keys)} free now. Close clients you no longer "
+            "need, lower the reservation (TrainerConfig.num_cpus / num_gpus / resources, "
+            "SamplerConfig.num_cpus_per_actor / num_gpus_per_actor / resources_per_actor), or "
+            "start Ray with more (ray.init(num_cpus=...), ServiceClient(num_cpus=...), "
+            "ray start --resources ... for custom resources); the wait is "
+            "TrainerConfig/SamplerConfig.schedule_timeout_s."
         )
-    return Reservation(what, num_cpus, num_gpus, group)
+    return [Reservation(what, num_cpus, num_gpus, group, custom, i) for i in range(count)]
 
 
-def _show(resources: dict[str, float]) -> str:
-    """CPU and GPU amounts only (Ray also lists memory and internal node/bundle keys)."""
-    shown = {k: round(v, 4) for k, v in resources.items() if k in ("CPU", "GPU")}
+def _show(resources: dict[str, float], keys: set[str]) -> str:
+    """The amounts of `keys` only (Ray also lists memory and internal node/bundle keys)."""
+    shown = {k: round(resources.get(k, 0.0), 4) for k in sorted(keys)}
     return str(shown or {"CPU": 0.0})

@@ -236,9 +236,15 @@ def _begin(training_client: TrainingClient, sync_mode: str | None) -> PendingSyn
         source = trainer.adapter_weights.remote(model_id)
     else:
         pool = merged_pool(service, model_dir, model_id)
-        source = trainer.merged_weights.remote(model_id)
         # The same weights as an adapter, for this client after a later sync (snapshot).
         snapshot_source = trainer.adapter_weights.remote(model_id)
+        assert pool.info is not None
+        if pool.info.engine == "vllm":
+            # Each sampler merges the adapter into its copy of the base (samplers/merge.py):
+            # 20 MB cross the object store instead of the whole model.
+            source = snapshot_source
+        else:
+            source = trainer.merged_weights.remote(model_id)
     probe = _trainer_probe(training_client, pool) if config.verify_sync else None
     # A barrier behind the exports on the trainer: once it answers, the weights are in Ray's
     # object store and outlive the trainer; a trainer that died before raises here, inside
@@ -343,6 +349,13 @@ def _verify(
 # -- pools --------------------------------------------------------------------------------
 
 
+def release_sampler_memory(client: SamplingClient) -> bool:
+    """Puts the engines serving `client` to sleep (SamplerConfig.sleep_between_rollouts):
+    their GPU memory is free for a colocated trainer until their next request or weight load
+    wakes them. False where they have no sleep mode enabled (a no-op)."""
+    return submit(client._pool.sleep()).result()
+
+
 def sampler_config(service: ServiceClient) -> SamplerConfig:
     config = getattr(service, "sampler_config", None)
     return config if isinstance(config, SamplerConfig) else SamplerConfig()
@@ -351,6 +364,22 @@ def sampler_config(service: ServiceClient) -> SamplerConfig:
 def base_pool(service: ServiceClient, model_dir: str) -> SamplerPool:
     """The pool for base-model sampling: no LoRA, so requests batch freely (see engine_vllm)."""
     return get_pool(service, model_dir, f"{model_dir}::base", enable_lora=False)
+
+
+def prestart_sync_pool(
+    service: ServiceClient, base_model: str, model_id: str, sync_mode: str | None = None
+) -> None:
+    """Starts the sampler pool that the first sync of training client `model_id` will load,
+    before that client exists: a loop calls it in a thread while the trainer loads, so the
+    samplers' start (vLLM: its import, load and warm-up) overlaps the trainer's. The sync
+    then finds the pool started, or waits for the start under way (the pools' lock)."""
+    config = sampler_config(service)
+    model_dir = resolve_model(base_model)
+    on_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if (sync_mode or resolve_sync_mode(config, on_gpu)) == "adapter":
+        shared_pool(service, model_dir)
+    else:
+        merged_pool(service, model_dir, model_id)
 
 
 def shared_pool(service: ServiceClient, model_dir: str) -> SamplerPool:

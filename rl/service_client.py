@@ -142,7 +142,7 @@ class ServiceClient:
         with self._lock:
             if base_model not in self._hosts:
                 host = TrainerHost(base_model, self.trainer_config)
-                self._reservations.append(host.reservation)
+                self._reservations.extend(host.reservations)
                 self._hosts[base_model] = host
             self._trainers[base_model] = self._hosts[base_model].handle
             return self._trainers[base_model]

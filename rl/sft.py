@@ -65,6 +65,7 @@ from rl.errors import (
 )
 from rl.futures import APIFuture
 from rl.metrics_log import MetricsLogger
+from rl.placement import parse_resources
 from rl.plot import write_run_curves
 from rl.types import AdamParams, Datum, ForwardBackwardOutput, ModelInput, TensorData
 
@@ -117,6 +118,17 @@ class SFTConfig:
         "auto", "base-weight dtype of the trainer (auto = float32 on CPU, bfloat16 on GPU)"
     )
     num_threads: int = doc(0, "torch threads of the trainer; 0 = all cores")
+    world_size: int = doc(1, "trainer ranks: N > 1 shards the base model over N Ray actors")
+    num_gpus: float | None = doc(None, "Ray GPUs of the trainer (None: 1 on a GPU cluster, else 0)")
+    resources: str = doc(
+        "", "custom Ray resources of the trainer, 'name=amount,...' (pins it to such nodes)"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc(
+        "PACK", "Ray placement-group strategy of the trainer's reservation"
+    )
+    gradient_checkpointing: bool = doc(
+        False, "recompute activations in the backward pass (less memory, same gradients)"
+    )
     verbose: bool = doc(
         False, "show Ray and transformers logs on the console (else under <log_dir>/logs/)"
     )
@@ -161,6 +173,22 @@ class SFTConfig:
                 raise InvalidRequestError(
                     f"SFTConfig: {key}={getattr(self, key)!r}, expected one of {list(allowed)}"
                 )
+        self.trainer_config(checkpoint_dir="")  # placement keys: checked before anything runs
+
+    def trainer_config(self, checkpoint_dir: str) -> Any:
+        """The trainer's slice of this config, saving under `checkpoint_dir`."""
+        from trainers.config import TrainerConfig
+
+        return TrainerConfig(
+            dtype=self.dtype,
+            num_threads=self.num_threads,
+            world_size=self.world_size,
+            checkpoint_dir=checkpoint_dir,
+            num_gpus=self.num_gpus,
+            resources=parse_resources(self.resources, "resources"),
+            placement_strategy=self.placement_strategy,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
 
 
 # Settings that may change when a run resumes; any other change is an error. `data` may move
@@ -168,6 +196,7 @@ class SFTConfig:
 MAY_DIFFER_ON_RESUME = (
     "data", "eval_data", "log_dir", "on_existing", "eval_every", "eval_batch_size",
     "save_every", "pipeline_depth", "wandb_project", "wandb_name", "num_threads", "verbose",
+    "num_gpus", "resources", "placement_strategy", "gradient_checkpointing", "world_size",
 )  # fmt: skip
 
 
@@ -450,13 +479,8 @@ def _read_file(config: SFTConfig, key: str) -> list[list[dict[str, Any]]]:
 def _make_service(config: SFTConfig, run_dir: Path) -> Any:
     """A ServiceClient (Ray from RAY_ADDRESS, else embedded) whose trainer saves in run_dir."""
     from rl.service_client import ServiceClient
-    from trainers.config import TrainerConfig
 
-    trainer_config = TrainerConfig(
-        dtype=config.dtype,
-        num_threads=config.num_threads,
-        checkpoint_dir=str(checkpoint_root(run_dir).resolve()),
-    )
+    trainer_config = config.trainer_config(str(checkpoint_root(run_dir).resolve()))
     # The trainer actor's output stays in Ray's log files (<run_dir>/logs/ray) unless verbose.
     service = ServiceClient(trainer_config=trainer_config, log_to_driver=config.verbose)
     link_ray_logs(run_dir)

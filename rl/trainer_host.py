@@ -9,6 +9,10 @@ the checkpoint it was loaded from, or its initial adapter (the seed is recorded,
 the same adapter). Each client then decides for itself, from what it did since that point,
 whether its next call can simply continue or must raise `TrainerRestartedError`
 (rl/training_client.py).
+
+A sharded trainer (`TrainerConfig.world_size` > 1) is hosted the same way: clients call its
+rank 0, and the death of any rank (rank 0 raises `TrainerRankError` naming it) rebuilds the
+whole group, in the same reservations, from the same restore points.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from rl.errors import TrainerRankError
 from rl.futures import ray_get
 from rl.resources import Reservation
-from trainers.actor import start_trainer_actor
+from trainers.actor import reserve_trainer, start_trainer
 from trainers.config import TrainerConfig
 
 if TYPE_CHECKING:
@@ -36,33 +41,42 @@ class TrainerHost:
     def __init__(self, base_model: str, config: TrainerConfig):
         self.base_model = base_model
         self.config = config
-        self.handle, self.reservation = start_trainer_actor(base_model, config)
+        self.reservations = reserve_trainer(base_model, config)
         try:
-            ray_get(self.handle.base_model_path.remote())  # surfaces a bad model name here
+            self.ranks = start_trainer(base_model, config, self.reservations)
+            ray_get(self.ranks[0].base_model_path.remote())  # surfaces a bad model name here
         except BaseException:
-            self.reservation.release()
+            for reservation in self.reservations:
+                reservation.release()
             raise
         self.generation = 0  # restarts so far
+        self.last_failure = ""  # which rank died, as the last restart was told
         self.restart_seconds: list[float] = []  # how long each restart + restore took
         self.clients: list[TrainingClient] = []
         self._lock = threading.Lock()
+
+    @property
+    def handle(self) -> Any:
+        """The actor clients call: the trainer, or rank 0 of a sharded one."""
+        return self.ranks[0]
 
     def current(self) -> tuple[Any, int]:
         """(actor, generation) now; waits while a restart is restoring the clients."""
         with self._lock:
             return self.handle, self.generation
 
-    def restart(self, generation: int) -> None:
-        """Restarts the actor and restores every hosted client, unless another caller has
-        already done so since `generation` (the generation that caller saw die)."""
+    def restart(self, generation: int, error: BaseException | None = None) -> None:
+        """Restarts the trainer and restores every hosted client, unless another caller has
+        already done so since `generation` (the generation that caller saw die of `error`)."""
         with self._lock:
             if self.generation != generation:
                 return
             began = time.perf_counter()
-            logger.warning("the trainer of %s died; restarting it", self.base_model)
-            with contextlib.suppress(Exception):  # make sure it is gone, freeing its bundle
-                ray.kill(self.handle, no_restart=True)
-            self.handle, _ = start_trainer_actor(self.base_model, self.config, self.reservation)
+            self.last_failure = self._describe(error)
+            why = f" ({self.last_failure})" if self.last_failure else ""
+            logger.warning("the trainer of %s died%s; restarting it", self.base_model, why)
+            self._kill()  # make sure every rank is gone, freeing its bundle
+            self.ranks = start_trainer(self.base_model, self.config, self.reservations)
             ray_get(self.handle.base_model_path.remote())
             for client in self.clients:
                 client._restore_on(self.handle)
@@ -76,14 +90,27 @@ class TrainerHost:
             )
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            ray.kill(self.handle)
-        self.reservation.release()
+        self._kill()
+        for reservation in self.reservations:
+            reservation.release()
+
+    def _kill(self) -> None:
+        for actor in self.ranks:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+
+    def _describe(self, error: BaseException | None) -> str:
+        """Which rank died, for a sharded trainer ("" for a one-actor trainer)."""
+        if isinstance(error, TrainerRankError):
+            return str(error)
+        if self.config.world_size > 1:  # clients call rank 0 only: it is the one that died
+            return f"trainer rank 0 of {self.config.world_size} died"
+        return ""
 
 
 def is_trainer_death(error: BaseException) -> bool:
     """Whether `error` says the trainer process is gone (not an error the trainer raised)."""
-    return isinstance(error, ray.exceptions.RayActorError)
+    return isinstance(error, (ray.exceptions.RayActorError, TrainerRankError))
 
 
 __all__ = ["Reservation", "TrainerHost", "is_trainer_death"]

@@ -216,7 +216,7 @@ class TrainingClient:
             except BaseException as error:
                 if host is None or attempt or not is_trainer_death(error):
                     raise
-                host.restart(generation)
+                host.restart(generation, error)
                 continue  # runs again on the restored state, unless calls were lost
             with self._state_lock:
                 if host is not None and host.generation != generation and name in _CHANGES_STATE:
@@ -261,7 +261,8 @@ class TrainingClient:
 
             step = read_checkpoint(path, with_optimizer=False).meta.step
         self._epoch += 1
-        self._restarted = TrainerRestartedError(self.model_id, step, lost)
+        cause = self._host.last_failure if self._host is not None else ""
+        self._restarted = TrainerRestartedError(self.model_id, step, lost, cause)
         self._delivered = False
 
     def _restore_on(self, actor: Any) -> None:

@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 
+from rl.errors import WeightSyncError
 from rl.types import SampleResponse
 from samplers.config import SamplerConfig
 from samplers.engine import make_engine
+from samplers.merge import BaseWeights, merged_weights
 from samplers.types import (
     BASE,
     EngineInfo,
@@ -55,6 +57,7 @@ class SamplerActor:
     def __init__(self, model_dir: str, config: SamplerConfig, enable_lora: bool):
         self.incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._engine = make_engine(model_dir, config, enable_lora=enable_lora, in_actor=True)
+        self._can_sleep = config.sleep_between_rollouts
         self._dir = _adapter_dir()
         self._adapters: dict[int, _Adapter] = {}
         self._merged: WeightsVersion = BASE
@@ -63,6 +66,7 @@ class SamplerActor:
         self._merged_idle = asyncio.Event()
         self._served = 0
         self._deferred_unloads = 0  # versions retired while requests still used them
+        self._base_weights: BaseWeights | None = None  # for merges on this side (merge.py)
 
     def ready(self) -> tuple[str, EngineInfo]:
         """(incarnation, engine info); raises `EngineFailedError` once the engine broke."""
@@ -158,6 +162,8 @@ class SamplerActor:
         start = time.perf_counter()
         if self._merged.model_id == weights.model_id and self._merged.version >= weights.version:
             return {"load_s": 0.0}
+        if isinstance(state_dict, tuple):  # (adapter_config, adapter weights): merged here
+            state_dict = await asyncio.to_thread(self._merge_here, *state_dict)
         self._merged_next = weights  # from now on, new requests for the old ones are refused
         try:
             while self._merged_users:
@@ -169,6 +175,30 @@ class SamplerActor:
         del state_dict
         _release_freed_memory()
         return {"load_s": time.perf_counter() - start}
+
+    def _merge_here(
+        self, adapter_config: dict[str, Any], adapter: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The adapter merged into this actor's copy of the base weights (samplers.merge)."""
+        if self._base_weights is None:
+            self._base_weights = BaseWeights(self._engine.info.model_dir)
+        dtype = getattr(torch, self._engine.info.dtype)
+        merged = merged_weights(self._base_weights, adapter_config, adapter, dtype)
+        if merged is None:
+            raise WeightSyncError(
+                "this adapter cannot be merged on the sampler (embedding or DoRA adapter, or "
+                "weights missing from the checkpoint's safetensors); sync it with full weights"
+            )
+        return merged
+
+    async def sleep(self) -> bool:
+        """Frees the engine's GPU memory until its next request or weight load, which wake
+        it (vLLM sleep mode, `SamplerConfig.sleep_between_rollouts`); False: not enabled."""
+        sleep = getattr(self._engine, "sleep", None)  # the torch engine has none
+        if not self._can_sleep or sleep is None:
+            return False
+        await asyncio.to_thread(sleep)
+        return True
 
     def held(self) -> dict[str, Any]:
         """What this actor holds now (for tests and debugging)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from rl.errors import InvalidRequestError
@@ -44,8 +44,23 @@ class SamplerConfig:
     merged-mode training clients' pools and a base-model pool share a 2-core machine."""
 
     num_gpus_per_actor: float | None = None
-    """Ray GPUs per actor. None: 0.25 when the Ray cluster has GPUs (a trainer and a few
-    sampler engines share one GPU), else 0."""
+    """Ray GPUs per actor. None: when the Ray cluster has GPUs, `tensor_parallel_size` GPUs
+    if that is above 1, else 0.25 (a trainer and a few sampler engines share one GPU); 0
+    without GPUs. A fraction below 1 shares the GPU: set `gpu_memory_utilization` to match."""
+
+    resources_per_actor: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each actor reserves, e.g. {"sampler_node": 1} pins the actors to
+    nodes started with `ray start --resources '{"sampler_node": 1}'`."""
+
+    tensor_parallel_size: int = 1
+    """vLLM on GPU: GPUs one engine shards the model over (for models one GPU cannot hold);
+    the actor then reserves that many GPUs."""
+
+    sleep_between_rollouts: bool = False
+    """vLLM on CUDA: put the engines to sleep (level 1: weights to host memory, KV cache
+    dropped) while the trainer trains, and wake them for the next rollouts, so a colocated
+    trainer gets the GPU memory back. The RL loop does this in sync mode
+    (max_steps_off_policy=0); on CPU it is an error, as vLLM has no sleep mode there."""
 
     num_threads: int = 0
     """torch CPU threads per engine; 0 = all cores. Ray sets OMP_NUM_THREADS to an actor's
@@ -130,7 +145,9 @@ class SamplerConfig:
         """Ray GPUs per actor in a cluster with `cluster_gpus` GPUs."""
         if self.num_gpus_per_actor is not None:
             return self.num_gpus_per_actor
-        return 0.25 if cluster_gpus > 0 else 0.0
+        if cluster_gpus <= 0:
+            return 0.0
+        return float(self.tensor_parallel_size) if self.tensor_parallel_size > 1 else 0.25
 
     def resolved_dtype(self, on_gpu: bool) -> str:
         """The engine's weights dtype on a device with (`on_gpu`) or without a GPU."""
@@ -160,12 +177,33 @@ class SamplerConfig:
             "max_request_retries": self.max_request_retries >= 0,
             "dtype": self.dtype in ("auto", "float32", "bfloat16", "float16"),
             "sync_tolerance": self.sync_tolerance is None or self.sync_tolerance > 0,
+            "tensor_parallel_size": self.tensor_parallel_size >= 1,
         }
         for name, ok in checks.items():
             if not ok:
                 raise InvalidRequestError(
                     f"SamplerConfig.{name}={getattr(self, name)!r} is out of range"
                 )
+        from rl.placement import check_gpus, check_resources
+
+        if self.num_gpus_per_actor is not None:
+            check_gpus(self.num_gpus_per_actor, "SamplerConfig.num_gpus_per_actor")
+            if (
+                self.tensor_parallel_size > 1
+                and self.num_gpus_per_actor < self.tensor_parallel_size
+            ):
+                raise InvalidRequestError(
+                    f"SamplerConfig: tensor_parallel_size={self.tensor_parallel_size} needs as "
+                    f"many GPUs per actor, but num_gpus_per_actor={self.num_gpus_per_actor}"
+                )
+        check_resources(self.resources_per_actor, "SamplerConfig.resources_per_actor")
+        if self.engine == "torch" and (
+            self.tensor_parallel_size > 1 or self.sleep_between_rollouts
+        ):
+            raise InvalidRequestError(
+                "SamplerConfig: tensor_parallel_size > 1 and sleep_between_rollouts are vLLM "
+                "settings; the torch engine (engine='torch') has neither"
+            )
         for name, allowed in (
             ("engine", EngineKind),
             ("sync_mode", SyncMode),

@@ -1,8 +1,9 @@
 """A sampling engine on plain torch + transformers, with the vLLM engine's interface.
 
-For machines without vLLM and for fast tests with tiny models. One request at a time: its
-`num_samples` completions decode together as one batch with a KV cache; every row has the same
-length (the prompt is shared), so no padding or attention mask is needed. Adapters are peft
+For machines without vLLM and for fast tests with tiny models; it runs on the GPU its actor
+was given, else on the CPU. One request at a time: its `num_samples` completions decode
+together as one batch with a KV cache; every row has the same length (the prompt is shared),
+so no padding or attention mask is needed. Adapters are peft
 adapters on the one base model, switched per request; merged syncs load a full state dict.
 
 The sampling math follows vLLM's: temperature, then top-k, then top-p (smallest set whose
@@ -45,8 +46,11 @@ class TorchEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(config.resolved_threads())
-        dtype = _DTYPES[config.resolved_dtype(on_gpu=False)]  # this engine runs on the CPU
+        # The GPU Ray gave this actor, if any (an actor without one sees none).
+        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _DTYPES[config.resolved_dtype(on_gpu=self._device.type == "cuda")]
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = model.to(self._device)  # type: ignore[arg-type]
         model.eval()
         _untie_output_embeddings(model)
         self._base: nn.Module = model
@@ -61,7 +65,7 @@ class TorchEngine:
             vocab_size=int(model.get_input_embeddings().weight.shape[0]),  # type: ignore[index]
             max_model_len=min(config.max_model_len or model_max, model_max),
             dtype=str(param_dtype).removeprefix("torch."),
-            device="cpu",
+            device=self._device.type,
             eos_token_id=_eos_token_id(model, self._tokenizer),
             logprobs_mode=config.logprobs_mode,
             max_logprobs=config.max_logprobs,
@@ -95,7 +99,7 @@ class TorchEngine:
     def _generate(self, request: SampleRequest) -> SampleResponse:
         params = request.params
         n = request.num_samples
-        prompt = torch.tensor([request.prompt])
+        prompt = torch.tensor([request.prompt], device=self._device)
         out = self._model(input_ids=prompt, use_cache=True)
         logits = out.logits[0].float()  # [L, V]
         response = SampleResponse(sequences=[])
@@ -106,7 +110,7 @@ class TorchEngine:
             cache.batch_repeat_interleave(n)
         next_logits = logits[-1:].expand(n, -1)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(self._device).manual_seed(seed)
         stop_ids, stop_strings = self._stops(params.stop)
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
@@ -278,7 +282,7 @@ def _sample_step(
     """Draws one token per row; returns (tokens [B], their logprobs [B]) per logprobs_mode."""
     if params.temperature == 0:
         token = torch.argmax(logits, dim=-1)
-        sampled_logprobs = torch.zeros(token.shape)  # a point mass
+        sampled_logprobs = torch.zeros(token.shape, device=token.device)  # a point mass
     else:
         processed = torch.log_softmax(
             process_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1
@@ -292,7 +296,7 @@ def _sample_step(
 
 def _prompt_logprobs(logits: torch.Tensor, request: SampleRequest) -> SampleResponse:
     """Logprob of each prompt token given the ones before it (entry 0 is None), and top-k."""
-    prompt = torch.tensor(request.prompt)
+    prompt = torch.tensor(request.prompt, device=logits.device)
     logprobs = torch.log_softmax(logits[:-1], dim=-1)  # row i predicts prompt[i + 1]
     response = SampleResponse(sequences=[])
     if request.include_prompt_logprobs:

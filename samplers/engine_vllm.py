@@ -78,6 +78,7 @@ class _Call:
     fn: Callable[[], Any]
     future: concurrent.futures.Future
     drain: bool = False
+    wakes: bool = True  # a sleeping engine is woken first (not for the sleep itself)
 
 
 _STOP = object()
@@ -109,6 +110,7 @@ class VLLMEngine:
         self._exclusive_waiting: deque[tuple[_Add, _Part]] = deque()
         self._exclusive_running: str | None = None
         self._failed: BaseException | None = None
+        self._asleep = False  # sleep mode: weights in host memory until the next command
         # vLLM is built on the engine thread itself: its CPU worker binds the OpenMP threads
         # of the thread that starts it, and steps from any other thread run ~10% slower.
         started: concurrent.futures.Future[EngineInfo] = concurrent.futures.Future()
@@ -120,11 +122,16 @@ class VLLMEngine:
         self.info = started.result()
 
     def _start(self, model_dir: str, config: SamplerConfig, enable_lora: bool) -> EngineInfo:
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu and (config.sleep_between_rollouts or config.tensor_parallel_size > 1):
+            raise InvalidRequestError(
+                "SamplerConfig.sleep_between_rollouts and tensor_parallel_size > 1 need vLLM "
+                "on CUDA; this sampler actor sees no GPU (give it num_gpus_per_actor > 0)"
+            )
         os.environ.update(engine_env())  # before vllm is imported
         from transformers import AutoConfig
         from vllm import LLM
 
-        on_gpu = torch.cuda.is_available()
         # Before vLLM starts: its CPU worker disables torch.set_num_threads afterwards.
         torch.set_num_threads(config.resolved_threads())
         hf_config = AutoConfig.from_pretrained(model_dir)
@@ -147,6 +154,12 @@ class VLLMEngine:
             kwargs["max_model_len"] = min(config.max_model_len, model_max or config.max_model_len)
         if on_gpu:  # the KV cache takes what the weights leave of this share
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = config.sleep_between_rollouts
+            if config.tensor_parallel_size > 1:
+                # Worker processes of this actor, on the GPUs Ray gave it (not Ray workers,
+                # which would ask Ray for GPUs this actor already holds).
+                kwargs["tensor_parallel_size"] = config.tensor_parallel_size
+                kwargs["distributed_executor_backend"] = "mp"
         else:
             kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30)
         if enable_lora:
@@ -239,6 +252,22 @@ class VLLMEngine:
 
         self.call(reload, drain=True)
 
+    def sleep(self) -> None:
+        """Once the running requests finish, frees the GPU memory of the weights (copied to
+        host memory) and the KV cache (vLLM sleep level 1); the next request or weight load
+        wakes the engine first. Needs `sleep_between_rollouts` (enable_sleep_mode)."""
+
+        def go_to_sleep() -> None:
+            if not self._asleep:
+                self._engine.reset_prefix_cache()  # the cache's blocks are dropped
+                self._llm.sleep(level=1)
+                self._asleep = True
+
+        self.check_alive()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Call(go_to_sleep, future, drain=True, wakes=False))
+        future.result()
+
     def reset_prefix_cache(self) -> bool:
         """Drops cached prefixes; refused (False) while requests hold cache blocks."""
         return bool(self.call(self._engine.reset_prefix_cache))
@@ -327,6 +356,9 @@ class VLLMEngine:
                 return commands
 
     def _execute(self, command: Any) -> None:
+        if self._asleep and (isinstance(command, _Add) or getattr(command, "wakes", False)):
+            self._llm.wake_up()
+            self._asleep = False
         if isinstance(command, _Add):
             if command.future.done():  # cancelled while queued
                 return

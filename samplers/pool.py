@@ -135,6 +135,7 @@ class SamplerPool:
                         self.config.num_cpus_per_actor,
                         self._num_gpus(),
                         self.config.schedule_timeout_s,
+                        self.config.resources_per_actor,
                     )
                 )
             submit(self._start(reservations)).result()
@@ -341,6 +342,12 @@ class SamplerPool:
             self._any_live.set()
             logger.info("sampler actor %d is back (%s)", slot.index, incarnation)
             return
+
+    async def sleep(self) -> bool:
+        """Puts every live engine to sleep until its next request (vLLM sleep mode); whether
+        they sleep. An actor that dies meanwhile is left out (it restarts awake)."""
+        slept = await self._on_each_live(lambda slot: slot.handle.sleep.remote())
+        return any(slept)
 
     # -- weights -----------------------------------------------------------------------------
 

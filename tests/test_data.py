@@ -14,6 +14,7 @@ from rl.data import (
     groups_to_datums,
     remove_constant_reward_groups,
     rollout_metrics,
+    scale_advantages,
     trajectory_to_datums,
 )
 from rl.errors import InvalidRequestError
@@ -191,3 +192,32 @@ def test_datums_fit_the_rl_losses():
     loss, _ = LOSSES["importance_sampling"].fn(inputs["logprobs"], inputs, batch.loss_fn_config)
     # Advantages 0.5 (3 sampled tokens) and -0.5 (1 sampled token).
     assert loss.item() == pytest.approx(-(3 * 0.5 - 0.5))
+
+
+def test_scaled_advantages_give_the_token_mean_of_the_linear_losses():
+    """scale_advantages(datums, 1/N) turns each linear policy loss (sum over tokens) into
+    its mean over N tokens, leaves the input datums unchanged, and refuses a bad factor."""
+    import torch
+
+    from rl.losses import LOSSES
+    from trainers.validation import prepare_batch
+
+    trajectory = Trajectory([_turn([1, 2], [3], [-0.3], done=False), _turn([1, 2, 3, 4], [5, 6])])
+    group = TrajectoryGroup([trajectory, Trajectory([_turn([1], [2])])], [1.0, 0.0], [{}, {}])
+    datums = groups_to_datums([group])
+    before = [_inputs(d) for d in datums]
+    scaled = scale_advantages(datums, 1 / 4)
+    assert [_inputs(d) for d in datums] == before
+    for loss_fn in ("importance_sampling", "ppo", "cispo"):
+        losses = []
+        for batch_datums in (datums, scaled):
+            batch = prepare_batch(batch_datums, loss_fn, None, vocab_size=100, max_context=64)
+            inputs = {
+                k: torch.cat([d.inputs[k] for d in batch.datums]) for k in batch.datums[0].inputs
+            }
+            target = inputs["logprobs"] + 0.05  # a moved policy: ratios != 1, clipping active
+            losses.append(LOSSES[loss_fn].fn(target, inputs, batch.loss_fn_config)[0].item())
+        assert losses[1] == pytest.approx(losses[0] / 4, rel=1e-6), loss_fn
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(InvalidRequestError, match="factor"):
+            scale_advantages(datums, bad)

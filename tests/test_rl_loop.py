@@ -86,7 +86,13 @@ def test_async_steps_sample_ahead(torch_service, tiny_model, tmp_path):
 
 def test_kl_penalty_and_substeps(torch_service, tiny_model, tmp_path):
     args = tiny_args(
-        tiny_model, tmp_path, num_steps=2, kl_penalty_coef=0.1, num_substeps=2, loss_fn="dro"
+        tiny_model,
+        tmp_path,
+        num_steps=2,
+        kl_penalty_coef=0.1,
+        num_substeps=2,
+        loss_fn="dro",
+        loss_reduction="sum",
     )
     trainer = main(args, service=torch_service)
     first, second = trainer.history
@@ -117,6 +123,7 @@ def test_custom_env_example_runs(torch_service, tiny_model, tmp_path, monkeypatc
         (["group_size=0"], "group_size=0 must be >= 1"),
         (["env=chess"], "env='chess': expected one of"),
         (["loss_fn=dro", "clip_low=0.5"], "does not take clip_low_threshold"),
+        (["loss_fn=dro"], "dro has a quadratic term: use loss_reduction=sum"),
         (["env_args=level"], "env_args item 'level' is not key=value"),
         (["temperature=-1"], "temperature=-1.0 must be"),
     ],

@@ -7,7 +7,8 @@ before the actor runs: torch.set_num_threads alone then leaves the kernels ~10% 
 the samplers, samplers/pool.py). So the actor's environment sets it to the trainer's thread
 count (TrainerConfig.num_threads), and reserving 1 logical CPU does not starve it of cores.
 Its resources are reserved first, with a bounded wait (rl.resources): a trainer that cannot
-be placed raises instead of hanging.
+be placed raises instead of hanging. A sharded trainer (`TrainerConfig.world_size` N > 1) is N
+such actors, one reservation each, started and joined by trainers/group.py.
 """
 
 from __future__ import annotations
@@ -16,30 +17,44 @@ from typing import Any
 
 import ray
 
-from rl.resources import Reservation, reserve
+from rl.resources import Reservation, reserve_bundles
 from trainers.config import TrainerConfig
 from trainers.engine import LoraTrainer
 
 
-def start_trainer_actor(
-    base_model: str, config: TrainerConfig, reservation: Reservation | None = None
-) -> tuple[Any, Reservation]:
-    """Starts a trainer actor for `base_model` (GPU-backed when the config asks for CUDA);
-    returns it with its reservation, which the caller releases when done with the actor.
-    A restart passes the dead actor's `reservation`, so it does not wait for resources."""
-    if reservation is None:
-        wants_gpu = config.uses_gpu(ray.cluster_resources().get("GPU", 0))
-        reservation = reserve(
-            f"the trainer actor for {base_model!r}",
-            config.num_cpus,
-            1.0 if wants_gpu else 0.0,
-            config.schedule_timeout_s,
-        )
-    actor_cls = ray.remote(LoraTrainer)
-    actor = actor_cls.options(  # type: ignore[attr-defined]
-        **reservation.actor_options(),
-        max_concurrency=1,
-        max_restarts=0,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(config.resolved_threads())}},
-    ).remote(base_model, config)
-    return actor, reservation
+def reserve_trainer(base_model: str, config: TrainerConfig) -> list[Reservation]:
+    """One reservation per trainer rank, all in one placement group, whose strategy
+    (`TrainerConfig.placement_strategy`) places the ranks: PACK / STRICT_PACK on as few nodes
+    as possible / on one, SPREAD / STRICT_SPREAD over nodes. All or none."""
+    ranks = f" ({config.world_size} ranks)" if config.world_size > 1 else ""
+    return reserve_bundles(
+        f"the trainer actor for {base_model!r}{ranks}",
+        config.world_size,
+        config.num_cpus,
+        config.resolved_gpus(ray.cluster_resources().get("GPU", 0)),
+        config.schedule_timeout_s,
+        config.resources,
+        config.placement_strategy,
+    )
+
+
+def start_trainer(
+    base_model: str, config: TrainerConfig, reservations: list[Reservation]
+) -> list[Any]:
+    """Starts the trainer for `base_model` in `reservations` (one per rank, see
+    `reserve_trainer`); returns its actors, rank 0 first: the one clients call. A restart
+    passes the dead trainer's reservations, so it does not wait for resources."""
+    options = [
+        {
+            **reservation.actor_options(),
+            "max_concurrency": 1,
+            "max_restarts": 0,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(config.resolved_threads())}},
+        }
+        for reservation in reservations
+    ]
+    if config.world_size > 1:
+        from trainers.group import start_ranks
+
+        return start_ranks(base_model, config, options)
+    return [ray.remote(LoraTrainer).options(**options[0]).remote(base_model, config)]  # type: ignore[attr-defined]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -18,10 +19,28 @@ class TrainerConfig:
     (rl.models.default_dtype), so both sides agree. Adapters and optimizer state are fp32."""
 
     num_threads: int = 0
-    """torch CPU threads in the trainer process; 0 = all cores of the machine."""
+    """torch CPU threads in each trainer process; 0 = the machine's cores / world_size."""
+
+    world_size: int = 1
+    """Trainer ranks: N > 1 runs the trainer as N Ray actors in one torch.distributed group
+    (gloo on CPU, NCCL on GPU), the base model's decoder layers sharded over them (FSDP2) and
+    each batch split between them (trainers/distributed.py). Each rank reserves num_cpus /
+    num_gpus / resources of its own. Checkpoints do not depend on it."""
 
     num_cpus: float = 1.0
     """Logical CPUs the trainer actor reserves in Ray (threads are set by num_threads)."""
+
+    num_gpus: float | None = None
+    """GPUs the trainer actor reserves in Ray. None: 1 when it runs on a GPU (device "cuda",
+    or "auto" in a cluster with GPUs), else 0. A fraction (e.g. 0.5) shares one GPU with a
+    colocated vLLM sampler (README, "Placement"); above 1, whole GPUs only."""
+
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources the trainer actor reserves, e.g. {"trainer_node": 1} pins it to
+    a node started with `ray start --resources '{"trainer_node": 1}'`."""
+
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Strategy of the trainer's Ray placement group (rl.resources.reserve)."""
 
     schedule_timeout_s: float = 60.0
     """How long to wait for Ray to find the trainer's resources before raising
@@ -36,8 +55,19 @@ class TrainerConfig:
     lora_alpha: float = 32.0
     """LoRA alpha; the adapter's scale is alpha / rank."""
 
-    attn_implementation: str = "sdpa"
-    """transformers attention kernel."""
+    attn_implementation: str = "auto"
+    """transformers attention kernel. "auto": "flash_attention_2" on a GPU in bfloat16 where
+    the flash-attn package is installed, else "sdpa" (PyTorch's fused attention, which picks
+    its flash / memory-efficient kernels itself on GPU)."""
+
+    logprob_chunk_tokens: int | None = None
+    """Tokens per chunk of the output head + log-softmax (trainers/logprobs.py), so no
+    [tokens, vocab] float32 tensor of a whole batch is kept. None: 2048 on GPU, unchunked on
+    CPU (where the recomputation in the backward pass costs more than the memory saves)."""
+
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping
+    them: less memory for long sequences (16k tokens), ~30% more compute. Same gradients."""
 
     checkpoint_dir: str = ""
     """Where save_state / save_weights_for_sampler write; "" = $ENGINEROOM_HOME/checkpoints."""
@@ -48,12 +78,35 @@ class TrainerConfig:
         for name, ok in (
             ("num_cpus", self.num_cpus >= 0),
             ("num_threads", self.num_threads >= 0),
+            ("world_size", isinstance(self.world_size, int) and self.world_size >= 1),
             ("schedule_timeout_s", self.schedule_timeout_s > 0),
+            ("logprob_chunk_tokens", (self.logprob_chunk_tokens or 0) >= 0),
         ):
             if not ok:
                 raise InvalidRequestError(
                     f"TrainerConfig.{name}={getattr(self, name)!r} is out of range"
                 )
+        from rl.placement import STRATEGIES, check_gpus, check_resources
+
+        if self.placement_strategy not in STRATEGIES:
+            raise InvalidRequestError(
+                f"TrainerConfig.placement_strategy={self.placement_strategy!r}; expected one "
+                f"of {list(STRATEGIES)}"
+            )
+
+        if self.num_gpus is not None:
+            check_gpus(self.num_gpus, "TrainerConfig.num_gpus")
+            if self.device == "cuda" and self.num_gpus == 0:
+                raise InvalidRequestError(
+                    "TrainerConfig: device='cuda' with num_gpus=0; the trainer actor would see "
+                    "no GPU (give it num_gpus > 0, or device='auto' / 'cpu')"
+                )
+        check_resources(self.resources, "TrainerConfig.resources")
+        if self.world_size > 1 and self.num_gpus is not None and 0 < self.num_gpus < 1:
+            raise InvalidRequestError(
+                f"TrainerConfig: world_size={self.world_size} with num_gpus={self.num_gpus}; "
+                "the ranks of a sharded trainer cannot share a GPU (NCCL needs one per rank)"
+            )
 
     def resolved_checkpoint_dir(self) -> Path:
         if self.checkpoint_dir:
@@ -66,6 +119,25 @@ class TrainerConfig:
         """Whether the trainer runs on a GPU, in a Ray cluster with `cluster_gpus` GPUs."""
         return self.device == "cuda" or (self.device == "auto" and cluster_gpus > 0)
 
+    def resolved_gpus(self, cluster_gpus: float) -> float:
+        """GPUs the trainer actor reserves, in a Ray cluster with `cluster_gpus` GPUs."""
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return 1.0 if self.uses_gpu(cluster_gpus) else 0.0
+
+    def resolved_chunk_tokens(self, on_gpu: bool) -> int:
+        """Tokens per output-head chunk on this device (0: unchunked)."""
+        if self.logprob_chunk_tokens is not None:
+            return self.logprob_chunk_tokens
+        return 2048 if on_gpu else 0
+
+    def resolved_attention(self, on_gpu: bool, dtype: str) -> str:
+        """The transformers attention kernel on this device (see `attn_implementation`)."""
+        if self.attn_implementation != "auto":
+            return self.attn_implementation
+        flash = importlib.util.find_spec("flash_attn") is not None
+        return "flash_attention_2" if on_gpu and dtype == "bfloat16" and flash else "sdpa"
+
     def resolved_dtype(self, on_gpu: bool) -> str:
         """The base-weight dtype on a device with (`on_gpu`) or without a GPU."""
         from rl.models import default_dtype
@@ -73,4 +145,4 @@ class TrainerConfig:
         return default_dtype(on_gpu) if self.dtype == "auto" else self.dtype
 
     def resolved_threads(self) -> int:
-        return self.num_threads or os.cpu_count() or 1
+        return self.num_threads or max(1, (os.cpu_count() or 1) // self.world_size)

@@ -4,7 +4,9 @@ Each adapter is one training client, addressed by its model id, with its own Ada
 step count and accumulated gradient. Only the active adapter takes part in a forward pass, so
 one client's calls never touch another's weights or gradients. This class is plain Python;
 `trainers.actor` hosts it in a Ray actor, whose one-call-at-a-time execution makes every
-method atomic.
+method atomic. In a sharded trainer (`TrainerConfig.world_size` > 1) every rank runs every
+call and computes its share of the batch (trainers/distributed.py); with one rank the
+collectives are the identity.
 
 Guarantee for bad input: every check runs before the model is touched, and any failure after
 that (a non-finite loss or gradient) restores the gradients to what they were before the call.
@@ -42,10 +44,11 @@ from rl.types import (
     SaveWeightsResponse,
     TensorData,
 )
-from trainers import lora
+from trainers import distributed, lora
 from trainers.batching import plan_buckets
 from trainers.checkpoints import CheckpointMeta, read_checkpoint, write_checkpoint
 from trainers.config import TrainerConfig
+from trainers.logprobs import target_logprobs
 from trainers.validation import PreparedBatch, check_checkpoint_name, prepare_batch
 
 
@@ -66,12 +69,19 @@ class LoraTrainer:
         self.base_model = base_model
         self.model_path = resolve_model(base_model)
         self.device = _pick_device(self.config.device)
-        dtype = getattr(torch, self.config.resolved_dtype(self.device.type == "cuda"))
+        on_gpu = self.device.type == "cuda"
+        dtype_name = self.config.resolved_dtype(on_gpu)
         model = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=dtype, attn_implementation=self.config.attn_implementation
+            self.model_path,
+            dtype=getattr(torch, dtype_name),
+            attn_implementation=self.config.resolved_attention(on_gpu, dtype_name),
         )
         model.requires_grad_(False)
-        self._base = model.to(self.device)  # type: ignore[arg-type]
+        if self.config.gradient_checkpointing:
+            lora.enable_checkpointing(model)
+        # A sharded trainer's model stays on the CPU until it is sharded (`join_group`).
+        self._base = model if self.config.world_size > 1 else model.to(self.device)  # type: ignore[arg-type]
+        self._group = distributed.Group()
         self._peft: PeftModel | None = None
         self._adapters: dict[str, Adapter] = {}
         self._active: str | None = None
@@ -149,6 +159,12 @@ class LoraTrainer:
     def base_model_path(self) -> str:
         return self.model_path
 
+    def join_group(self, spec: distributed.GroupSpec) -> None:
+        """Joins a sharded trainer's process group and shards the base model over it."""
+        assert not self._adapters, "join the group before creating adapters"
+        self._group = distributed.join(spec, self.device)
+        distributed.shard_base(self._base, self._group)
+
     # -- training ----------------------------------------------------------------------------
 
     def forward(
@@ -162,8 +178,12 @@ class LoraTrainer:
         self._adapter(model_id)
         batch = self._prepare(data, loss_fn, loss_fn_config)
         self._activate(model_id)
+        local: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            logprobs = self._target_logprobs(batch)
+            for bucket, bucket_logprobs in self._bucket_logprobs(batch):
+                if bucket:  # not an idle call
+                    local.update(zip(bucket, bucket_logprobs, strict=True))
+            logprobs = self._group.gather(local, len(batch.datums))
             _, metrics = self._loss(batch, range(len(logprobs)), logprobs)
         return _output(logprobs, metrics)
 
@@ -178,28 +198,47 @@ class LoraTrainer:
         adapter = self._adapter(model_id)
         batch = self._prepare(data, loss_fn, loss_fn_config)
         self._activate(model_id)
-        saved = [None if p.grad is None else p.grad.clone() for p in adapter.params]
-        logprobs: list[torch.Tensor] = [torch.empty(0)] * len(batch.datums)
+        # This call's gradient is computed alone, summed over the ranks, then added to the
+        # accumulated one; on any failure the accumulated one is put back untouched.
+        saved = [p.grad for p in adapter.params]
+        for p in adapter.params:
+            p.grad = None
+        local: dict[int, torch.Tensor] = {}
+        failure: str | None = None
         try:
             # Built-in losses are sums over tokens, so each bucket's share is backpropagated
             # as soon as it is computed: peak memory is one bucket's activations, not the batch's.
+            # A non-finite loss is backpropagated all the same (and the gradient dropped), so
+            # that every rank makes the same calls.
             with torch.enable_grad():
                 for bucket, bucket_logprobs in self._bucket_logprobs(batch):
+                    if not bucket:  # an idle call of a sharded trainer: no loss of its own
+                        if bucket_logprobs[0].requires_grad:
+                            bucket_logprobs[0].backward()
+                        continue
                     loss, _ = self._loss(batch, bucket, bucket_logprobs)
-                    if not torch.isfinite(loss):
-                        raise InvalidRequestError(
+                    if failure is None and not torch.isfinite(loss):
+                        failure = (
                             f"the {loss_fn!r} loss is {loss.item()}; check the advantages and "
                             "the sampler logprobs (a huge logprob gap overflows the ratio)"
                         )
                     loss.backward()
                     for i, lp in zip(bucket, bucket_logprobs, strict=True):
-                        logprobs[i] = lp.detach()
+                        local[i] = lp.detach()
+            self._group.sum_grads(adapter.params, contributed=bool(local))
+            failure = self._group.first_failure(failure)
+            if failure is not None:
+                raise InvalidRequestError(failure)
             if not all(p.grad is None or torch.isfinite(p.grad).all() for p in adapter.params):
                 raise InvalidRequestError(f"the {loss_fn!r} loss gave a non-finite gradient")
+            logprobs = self._group.gather(local, len(batch.datums))
         except BaseException:
             for p, grad in zip(adapter.params, saved, strict=True):
                 p.grad = grad
             raise
+        for p, grad in zip(adapter.params, saved, strict=True):
+            if grad is not None:
+                p.grad = grad if p.grad is None else grad + p.grad
         adapter.pending_backwards += 1
         with torch.no_grad():  # metrics over the whole batch (means do not add up per bucket)
             _, metrics = self._loss(batch, range(len(logprobs)), logprobs)
@@ -316,7 +355,11 @@ class LoraTrainer:
         )
 
     def merged_weights(self, model_id: str) -> dict[str, torch.Tensor]:
-        return lora.merged_state_dict(self._peft_model(), self._adapter(model_id).name)
+        """The merged model's weights; in a sharded trainer every rank gathers the sharded
+        weights with the others, and rank 0 alone returns them."""
+        adapter = self._adapter(model_id)
+        merged = lora.merged_state_dict(self._peft_model(), adapter.name, self._group.full)
+        return merged if self._group.rank == 0 else {}
 
     def memory_stats(self) -> dict[str, float]:
         """Peak resident memory of this process (MiB), for benchmarks."""
@@ -354,28 +397,32 @@ class LoraTrainer:
             max_context=self.max_context,
         )
 
-    def _target_logprobs(self, batch: PreparedBatch) -> list[torch.Tensor]:
-        """Per datum, log p(target_tokens[t] | tokens[:t+1]): [N] or [N, K], fp32."""
-        out: list[torch.Tensor] = [torch.empty(0)] * len(batch.datums)
-        for bucket, bucket_logprobs in self._bucket_logprobs(batch):
-            for i, lp in zip(bucket, bucket_logprobs, strict=True):
-                out[i] = lp
-        return out
-
     def _bucket_logprobs(
         self, batch: PreparedBatch
     ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-        """Yields (datum indices, their target logprobs), one model call per bucket.
+        """Yields (datum indices, their target logprobs), one model call per bucket, for
+        this rank's share of the batch; target logprobs are [N] or [N, K], fp32.
 
         Datums are bucketed by length (few model calls, little padding); the vocabulary
-        projection runs only on real (unpadded) positions.
+        projection runs only on real (unpadded) positions. A rank with fewer buckets than
+        another then yields ([], [a scalar of the model's graph]) per missing call.
         """
         causal_lm: Any = self._peft_model().get_base_model()
         decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
         lengths = [d.length for d in batch.datums]
-        buckets = plan_buckets(
-            lengths, self.config.max_tokens_per_batch, self.config.call_overhead_tokens
-        )
+        share = self._group.share(lengths)
+        buckets = [
+            [share[j] for j in bucket]
+            for bucket in plan_buckets(
+                [lengths[i] for i in share],
+                self.config.max_tokens_per_batch,
+                self.config.call_overhead_tokens,
+            )
+        ]
+        for _ in range(self._group.max_calls(len(buckets)) - len(buckets)):
+            idle = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
+            hidden = decoder(input_ids=idle, use_cache=False).last_hidden_state
+            yield [], [hidden.float().sum() * 0.0]
         for bucket in buckets:
             width = max(lengths[i] for i in bucket)
             ids = torch.zeros(len(bucket), width, dtype=torch.int64)
@@ -384,18 +431,25 @@ class LoraTrainer:
                 ids[row, : lengths[i]] = batch.datums[i].tokens
                 mask[row, : lengths[i]] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
-            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = lm_head(hidden[mask.bool()]).float()  # [tokens of the bucket, V]
-            if self._softcap:
-                logits = torch.tanh(logits / self._softcap) * self._softcap
-            # log_softmax, not logits - logsumexp: its fused kernels (forward and backward)
-            # take less than half the time on CPU, ~8% of a whole step for SmolLM2.
-            rows = torch.split(torch.log_softmax(logits, dim=-1), [lengths[i] for i in bucket])
-            picked = []
-            for i, row_logprobs in zip(bucket, rows, strict=True):
-                targets = batch.datums[i].inputs["target_tokens"].to(self.device)
-                flat = targets.reshape(lengths[i], -1)
-                picked.append(row_logprobs.gather(-1, flat).reshape(targets.shape))
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            # The output head and log-softmax in chunks of tokens on GPU (trainers/logprobs.py);
+            # datums with fewer top-K targets than others are padded with token 0, cut after.
+            targets = [batch.datums[i].inputs["target_tokens"] for i in bucket]
+            flat = [t.reshape(lengths[i], -1) for i, t in zip(bucket, targets, strict=True)]
+            k = max(f.shape[1] for f in flat)
+            padded = torch.cat([torch.nn.functional.pad(f, (0, k - f.shape[1])) for f in flat])
+            bucket_logprobs = target_logprobs(
+                lm_head,
+                hidden[mask.bool()],  # [tokens of the bucket, H]
+                padded.to(self.device),
+                self._softcap,
+                self.config.resolved_chunk_tokens(self.device.type == "cuda"),
+            )
+            rows = torch.split(bucket_logprobs, [lengths[i] for i in bucket])
+            picked = [
+                row[:, : f.shape[1]].reshape(t.shape)
+                for row, f, t in zip(rows, flat, targets, strict=True)
+            ]
             yield bucket, picked
 
     def _loss(

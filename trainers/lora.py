@@ -7,6 +7,7 @@ vLLM's `LoRARequest` load with no conversion.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,18 +75,23 @@ def adapter_state_dict(peft_model: PeftModel, adapter: str) -> dict[str, torch.T
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
-def merged_state_dict(peft_model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    peft_model: PeftModel,
+    adapter: str,
+    full: Callable[[torch.Tensor], torch.Tensor] = lambda weight: weight,
+) -> dict[str, torch.Tensor]:
     """The full model's weights with `adapter` merged in, keyed as in the base checkpoint.
 
     The live model is not modified. With tied embeddings and an `lm_head` adapter the merged
     `lm_head.weight` differs from `model.embed_tokens.weight`; both are returned, and a consumer
     that ties them (vLLM does for tied models) must be told to untie or the delta is lost.
+    `full` gathers a sharded base weight whole; a sharded trainer's ranks all call this.
     """
     base = peft_model.get_base_model()
     merged: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
         if hasattr(module, "lora_A") and adapter in getattr(module, "lora_A", {}):
-            weight = module.get_base_layer().weight
+            weight = full(module.get_base_layer().weight)
             delta = module.get_delta_weight(adapter).to(weight.dtype)
             merged[f"{name}.weight"] = (weight + delta).detach().cpu()
     state: dict[str, torch.Tensor] = {}
@@ -93,7 +99,23 @@ def merged_state_dict(peft_model: PeftModel, adapter: str) -> dict[str, torch.Te
         if "lora_" in key:
             continue
         clean = key.replace(".base_layer.", ".")
+        value = full(value)  # on every key, so that every rank gathers the same weights
         state[clean] = merged.get(clean, value).detach().cpu()
     if "lm_head.weight" in merged:
         state["lm_head.weight"] = merged["lm_head.weight"]
     return state
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing of every decoder layer (recomputed in the backward pass).
+
+    transformers checkpoints a layer only while it is in training mode; the model stays in
+    eval mode (no dropout anywhere, as the logprobs must be deterministic), so only the
+    checkpointed layers themselves are flagged as training, not their submodules.
+    """
+    model.gradient_checkpointing_enable(  # type: ignore[operator]
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True  # this module only: its dropout children stay in eval

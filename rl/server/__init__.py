@@ -25,6 +25,7 @@ from rl.server.config import ServerConfig
 def build_service(config: ServerConfig) -> Any:
     """The ServiceClient the server drives: an embedded Ray, or RAY_ADDRESS's cluster."""
     import rl
+    from rl.placement import parse_resources
     from samplers.config import SamplerConfig
     from trainers import TrainerConfig
 
@@ -32,7 +33,12 @@ def build_service(config: ServerConfig) -> Any:
         trainer_config=TrainerConfig(
             dtype=config.trainer_dtype,  # type: ignore[arg-type]
             num_threads=config.trainer_threads,
+            world_size=config.trainer_world_size,
             checkpoint_dir=str(config.resolved_checkpoint_dir()),
+            num_gpus=config.trainer_num_gpus,
+            resources=parse_resources(config.trainer_resources, "--trainer-resources"),
+            placement_strategy=config.trainer_placement_strategy,  # type: ignore[arg-type]
+            gradient_checkpointing=config.gradient_checkpointing,
         ),
         sampler_config=SamplerConfig(
             engine=config.sampler_engine,  # type: ignore[arg-type]
@@ -42,6 +48,10 @@ def build_service(config: ServerConfig) -> Any:
             max_model_len=config.max_context_length,
             max_lora_rank=config.max_lora_rank,
             enforce_eager=config.enforce_eager,
+            num_gpus_per_actor=config.sampler_num_gpus,
+            resources_per_actor=parse_resources(config.sampler_resources, "--sampler-resources"),
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
         ),
         # The actors' output (vLLM's config dumps, per-sync warnings) stays in Ray's log files.
         log_to_driver=config.verbose,

@@ -43,13 +43,49 @@ class ServerConfig:
         0,
         "torch threads of the trainer (0 = all cores).",
     )
+    trainer_world_size: int = doc(
+        1,
+        "Trainer ranks: N > 1 shards each base model over N Ray actors (FSDP2).",
+    )
     trainer_dtype: str = doc(
         "auto",
         "Trainer base-weight dtype: auto | float32 | bfloat16.",
     )
+    trainer_num_gpus: float | None = doc(
+        None,
+        "Ray GPUs per trainer (None: 1 on a GPU cluster, else 0; 0.5 shares a GPU with a sampler).",
+    )
+    trainer_resources: str = doc(
+        "",
+        "Custom Ray resources per trainer, 'name=amount,...' (pins trainers to such nodes).",
+    )
+    trainer_placement_strategy: str = doc(
+        "PACK",
+        "Ray placement-group strategy of a trainer's reservation: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD.",
+    )
+    gradient_checkpointing: bool = doc(
+        False,
+        "Trainer: recompute activations in the backward pass (less memory, same gradients).",
+    )
     sampler_engine: str = doc(
         "auto",
         "Sampler engine: auto (vLLM where installed) | vllm | torch.",
+    )
+    sampler_num_gpus: float | None = doc(
+        None,
+        "Ray GPUs per sampler actor (None: 0.25 on a GPU cluster, else 0).",
+    )
+    sampler_resources: str = doc(
+        "",
+        "Custom Ray resources per sampler actor, 'name=amount,...' (pins samplers to such nodes).",
+    )
+    gpu_memory_utilization: float = doc(
+        0.3,
+        "vLLM on GPU: share of the GPU's memory per sampler engine (weights + KV cache).",
+    )
+    tensor_parallel_size: int = doc(
+        1,
+        "vLLM on GPU: GPUs one sampler engine shards the model over.",
     )
     sampler_threads: int = doc(
         0,
