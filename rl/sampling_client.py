@@ -221,11 +221,9 @@ def _begin(training_client: TrainingClient, sync_mode: str | None) -> PendingSyn
     trainer = training_client._actor
     model_id = training_client.model_id
     model_dir = ray.get(trainer.base_model_path.remote())
-    on_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    mode = sync_mode or resolve_sync_mode(config, on_gpu)
+    mode, pool = sync_pool(service, model_dir, model_id, sync_mode)
     snapshot_source = None
     if mode == "adapter":
-        pool = shared_pool(service, model_dir)
         assert pool.info is not None
         rank = training_client.get_info().lora_rank
         if rank > pool.info.max_lora_rank:
@@ -235,7 +233,6 @@ def _begin(training_client: TrainingClient, sync_mode: str | None) -> PendingSyn
             )
         source = trainer.adapter_weights.remote(model_id)
     else:
-        pool = merged_pool(service, model_dir, model_id)
         # The same weights as an adapter, for this client after a later sync (snapshot).
         snapshot_source = trainer.adapter_weights.remote(model_id)
         assert pool.info is not None
@@ -373,13 +370,19 @@ def prestart_sync_pool(
     before that client exists: a loop calls it in a thread while the trainer loads, so the
     samplers' start (vLLM: its import, load and warm-up) overlaps the trainer's. The sync
     then finds the pool started, or waits for the start under way (the pools' lock)."""
-    config = sampler_config(service)
-    model_dir = resolve_model(base_model)
+    sync_pool(service, resolve_model(base_model), model_id, sync_mode)
+
+
+def sync_pool(
+    service: ServiceClient, model_dir: str, model_id: str, sync_mode: str | None
+) -> tuple[str, SamplerPool]:
+    """(mode, pool) of a sync of training client `model_id`: the shared LoRA pool in adapter
+    mode, the client's own pool in merged mode; the pool is started on first use."""
     on_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    if (sync_mode or resolve_sync_mode(config, on_gpu)) == "adapter":
-        shared_pool(service, model_dir)
-    else:
-        merged_pool(service, model_dir, model_id)
+    mode = sync_mode or resolve_sync_mode(sampler_config(service), on_gpu)
+    if mode == "adapter":
+        return mode, shared_pool(service, model_dir)
+    return mode, merged_pool(service, model_dir, model_id)
 
 
 def shared_pool(service: ServiceClient, model_dir: str) -> SamplerPool:
