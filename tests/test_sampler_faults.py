@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 
 import pytest
 import ray
@@ -71,6 +72,23 @@ def test_engine_auto_falls_back_to_torch_with_one_warning(ray_local, tiny_model,
         service.close()
 
 
+def _wait_until_gone(victim, timeout: float = 60.0) -> None:
+    """Returns once the killed actor's old process no longer answers calls (the restart
+    fails here, so a call ends with its constructor's error)."""
+    incarnation = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            answered, _ = ray.get(victim.ready.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        if incarnation is not None and answered != incarnation:
+            return
+        incarnation = answered
+        time.sleep(0.05)
+    raise AssertionError("the killed sampler actor still answers")
+
+
 def test_a_sampler_in_a_crash_loop_ends_the_call_with_its_own_error(
     ray_local, tiny_model, tmp_path
 ):
@@ -83,7 +101,9 @@ def test_a_sampler_in_a_crash_loop_ends_the_call_with_its_own_error(
         client = service.create_sampling_client(base_model=str(model))
         assert len(client.sample(PROMPT, 1, PARAMS).result().sequences) == 1
         (model / "config.json").write_text("{ not json")
-        ray.kill(client._pool.actor_handles()[0], no_restart=False)  # Ray restarts it
+        victim = client._pool.actor_handles()[0]
+        ray.kill(victim, no_restart=False)  # Ray restarts it
+        _wait_until_gone(victim)  # a kill is asynchronous: the old process could still answer
         with pytest.raises(SamplerUnavailableError) as error:
             client.sample(PROMPT, 1, PARAMS).result()
         message = str(error.value)
