@@ -137,6 +137,7 @@ class Config:
     temperature: float = doc(1.0, "sampling temperature of training rollouts")
     # -- optimisation -----------------------------------------------------------------------
     rank: int = doc(16, "LoRA rank")
+    train_unembed: bool = doc(True, "LoRA on the output head too, besides the 7 linear modules")
     learning_rate: float = doc(1e-3, "AdamW learning rate")
     adam_beta2: float = doc(0.95, "AdamW beta2")
     grad_clip_norm: float = doc(1.0, "clip the gradient to this norm (0 = off)")
@@ -529,7 +530,11 @@ class RLTrainer:
             # The trainer's errors come first; the samplers' start is awaited after.
             if record is None:
                 self.client = service.create_lora_training_client(
-                    config.base_model, rank=config.rank, seed=config.seed, model_id=model_id
+                    config.base_model,
+                    rank=config.rank,
+                    seed=config.seed,
+                    model_id=model_id,
+                    train_unembed=config.train_unembed,
                 )
                 self.rng = random.Random(config.seed)
                 start = 0

@@ -66,3 +66,18 @@ def test_adapters_it_cannot_merge_exactly_are_declined(trained, tmp_path):
     assert merge_plan(adapter_config, {a_key: state[a_key]}) is None  # no B
     # A checkpoint without those weights (another model's directory): declined, not guessed.
     assert merged_weights(BaseWeights(str(tmp_path)), adapter_config, state, torch.float32) is None
+
+
+def test_a_fresh_adapter_changes_no_weight_and_a_trained_one_does(trained, tmp_path):
+    """The first merged sync of a new client is skipped on the sampler (its engine holds the
+    base weights already) only while every LoRA B is zero."""
+    from samplers.actor import _no_delta
+
+    trainer, _ = trained
+    _, state = trainer.adapter_weights("m")
+    assert not _no_delta(state)
+    fresh = LoraTrainer(trained[1], TrainerConfig(dtype="float32", checkpoint_dir=str(tmp_path)))
+    fresh.create_adapter("new", types.LoraConfig(rank=4, seed=1))
+    _, state = fresh.adapter_weights("new")
+    assert any("lora_B" in name for name in state) and _no_delta(state)
+    assert not _no_delta({})  # nothing to judge by: not skipped
