@@ -230,11 +230,12 @@ class VLLMEngine:
 
     # -- weights and control ---------------------------------------------------------------
 
-    def call(self, fn: Callable[[], Any], *, drain: bool = False) -> Any:
-        """Runs `fn` on the engine thread between steps (after running requests if `drain`)."""
+    def call(self, fn: Callable[[], Any], *, drain: bool = False, wakes: bool = True) -> Any:
+        """Runs `fn` on the engine thread between steps (after running requests if `drain`),
+        waking a sleeping engine first unless not `wakes`."""
         self.check_alive()
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(_Call(fn, future, drain))
+        self._commands.put(_Call(fn, future, drain, wakes))
         return future.result()
 
     def load_adapter(self, version: int, path: str) -> None:
@@ -266,10 +267,7 @@ class VLLMEngine:
                 self._llm.sleep(level=1)
                 self._asleep = True
 
-        self.check_alive()
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(_Call(go_to_sleep, future, drain=True, wakes=False))
-        future.result()
+        self.call(go_to_sleep, drain=True, wakes=False)
 
     def reset_prefix_cache(self) -> bool:
         """Drops cached prefixes; refused (False) while requests hold cache blocks."""

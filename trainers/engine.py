@@ -413,41 +413,36 @@ class LoraTrainer:
         decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
         lengths = [d.length for d in batch.datums]
         share = self._group.share(lengths)
-        units: list[list[int]] | list[list[TrieRow]]
+        sequences = [batch.datums[i].tokens.tolist() for i in share]
         if self._shares_prefixes:
             rows = plan_rows(
-                [batch.datums[i].tokens.tolist() for i in share],
+                sequences,
                 self.config.shared_prefix_min_tokens,
                 self.config.shared_prefix_row_tokens,
             )
-            for row in rows:
-                row.members = [share[j] for j in row.members]
-            units = [
-                [rows[j] for j in bucket]
-                for bucket in plan_buckets(
-                    [row.size for row in rows],
-                    self.config.max_tokens_per_batch,
-                    self.config.call_overhead_tokens,
-                )
-            ]
         else:
-            units = [
-                [share[j] for j in bucket]
-                for bucket in plan_buckets(
-                    [lengths[i] for i in share],
-                    self.config.max_tokens_per_batch,
-                    self.config.call_overhead_tokens,
-                )
-            ]
-        for _ in range(self._group.max_calls(len(units)) - len(units)):
+            rows = [TrieRow([j], [s], len(s)) for j, s in enumerate(sequences)]
+        for row in rows:  # positions in `share` -> datum indices
+            row.members = [share[j] for j in row.members]
+        buckets = [
+            [rows[j] for j in bucket]
+            for bucket in plan_buckets(
+                [row.size for row in rows],
+                self.config.max_tokens_per_batch,
+                self.config.call_overhead_tokens,
+            )
+        ]
+        for _ in range(self._group.max_calls(len(buckets)) - len(buckets)):
             idle = torch.zeros(1, 1, dtype=torch.int64, device=self.device)
             hidden = decoder(input_ids=idle, use_cache=False).last_hidden_state
             yield [], [hidden.float().sum() * 0.0]
-        for unit in units:
-            if unit and isinstance(unit[0], TrieRow):
-                yield self._tree_logprobs(batch, unit, decoder, lm_head)  # type: ignore[arg-type]
+        for bucket in buckets:
+            if all(len(row.members) == 1 for row in bucket):
+                yield self._padded_logprobs(
+                    batch, [row.members[0] for row in bucket], decoder, lm_head
+                )
             else:
-                yield self._padded_logprobs(batch, unit, decoder, lm_head)  # type: ignore[arg-type]
+                yield self._tree_logprobs(batch, bucket, decoder, lm_head)
 
     @property
     def _shares_prefixes(self) -> bool:

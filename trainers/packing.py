@@ -20,55 +20,62 @@ Datums that share nothing get rows of their own, as before.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 
 @dataclass
 class TrieRow:
-    """One model row: the trie of its members' token sequences, nodes in insertion order
-    (a node's ancestors always come before it)."""
+    """One model row: its members (datum indices) and the size of their prefix tree. The
+    tree itself (nodes in insertion order, a node's ancestors before it) is built on first
+    use, so a row of one datum, which goes the padded way, never builds one."""
 
-    members: list[int] = field(default_factory=list)  # datum indices
-    tokens: list[int] = field(default_factory=list)  # per node
-    depth: list[int] = field(default_factory=list)  # per node: its position id
-    parent: list[int] = field(default_factory=list)  # per node: -1 at the root level
-    paths: list[list[int]] = field(default_factory=list)  # per member: its nodes, in order
-    _children: list[dict[int, int]] = field(default_factory=list)
-    _roots: dict[int, int] = field(default_factory=dict)
+    members: list[int]
+    sequences: list[Sequence[int]]  # the members' tokens, in `members` order
+    size: int  # nodes of the tree: the members' tokens, each shared prefix once
+
+    @functools.cached_property
+    def _tree(self) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+        tokens: list[int] = []
+        depth: list[int] = []
+        parent: list[int] = []
+        paths: list[list[int]] = []
+        children: list[dict[int, int]] = []
+        roots: dict[int, int] = {}
+        for sequence in self.sequences:
+            level, above, path = roots, -1, []
+            for position, token in enumerate(sequence):
+                node = level.get(token)
+                if node is None:
+                    node = len(tokens)
+                    tokens.append(token)
+                    depth.append(position)
+                    parent.append(above)
+                    children.append({})
+                    level[token] = node
+                path.append(node)
+                above, level = node, children[node]
+            paths.append(path)
+        return tokens, depth, parent, paths
 
     @property
-    def size(self) -> int:
-        return len(self.tokens)
+    def tokens(self) -> list[int]:  # per node
+        return self._tree[0]
 
-    def new_nodes(self, sequence: Sequence[int]) -> int:
-        """How many nodes adding `sequence` would create."""
-        children, shared = self._roots, 0
-        for token in sequence:
-            node = children.get(token)
-            if node is None:
-                break
-            shared += 1
-            children = self._children[node]
-        return len(sequence) - shared
+    @property
+    def depth(self) -> list[int]:  # per node: its position id
+        return self._tree[1]
 
-    def add(self, index: int, sequence: Sequence[int]) -> None:
-        children, parent, path = self._roots, -1, []
-        for depth, token in enumerate(sequence):
-            node = children.get(token)
-            if node is None:
-                node = len(self.tokens)
-                self.tokens.append(token)
-                self.depth.append(depth)
-                self.parent.append(parent)
-                self._children.append({})
-                children[token] = node
-            path.append(node)
-            parent, children = node, self._children[node]
-        self.members.append(index)
-        self.paths.append(path)
+    @property
+    def parent(self) -> list[int]:  # per node: -1 at the root level
+        return self._tree[2]
+
+    @property
+    def paths(self) -> list[list[int]]:  # per member: its nodes, in order
+        return self._tree[3]
 
     def attention(self, width: int) -> torch.Tensor:
         """[width, width] bool: node q may attend to node k (an ancestor or itself); padding
@@ -85,21 +92,22 @@ def plan_rows(
 ) -> list[TrieRow]:
     """Rows for datums `sequences` (their token lists): sorted, so that datums with a common
     prefix are neighbours; each joins the row of its predecessor if they share `min_shared`
-    leading tokens and the row stays within `max_row_tokens` nodes."""
+    leading tokens and the row stays within `max_row_tokens` nodes. In sorted order no earlier
+    member shares more with a datum than its predecessor does, so a datum adds its length
+    less that common prefix to the row's tree."""
     order = sorted(range(len(sequences)), key=lambda i: tuple(sequences[i]))
     rows: list[TrieRow] = []
     previous: Sequence[int] = ()
     for i in order:
         sequence = sequences[i]
+        shared = _common_prefix(previous, sequence)
         row = rows[-1] if rows else None
-        if (
-            row is None
-            or _common_prefix(previous, sequence) < min_shared
-            or row.size + row.new_nodes(sequence) > max_row_tokens
-        ):
-            row = TrieRow()
-            rows.append(row)
-        row.add(i, sequence)
+        if row is None or shared < min_shared or row.size + len(sequence) - shared > max_row_tokens:
+            rows.append(TrieRow([i], [sequence], len(sequence)))
+        else:
+            row.members.append(i)
+            row.sequences.append(sequence)
+            row.size += len(sequence) - shared
         previous = sequence
     return rows
 
