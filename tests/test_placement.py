@@ -234,3 +234,22 @@ def test_ranks_share_one_placement_group_placed_by_its_strategy(ray_local):
         for reservation in ranks:
             reservation.release()
     assert ray.util.placement_group_table(group)["state"] == "REMOVED"
+
+
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda: TrainerConfig(shared_prefix_row_tokens=-1), "shared_prefix_row_tokens"),
+        (lambda: TrainerConfig(shared_prefix_min_tokens=0), "shared_prefix_min_tokens"),
+        (lambda: SamplerConfig(block_size=0), "block_size"),
+    ],
+)
+def test_packing_and_kv_block_keys_out_of_range_name_themselves(make, key):
+    with pytest.raises(InvalidRequestError, match=rf"{key}=.* is out of range"):
+        make()
+
+
+def test_kv_block_size_defaults_to_32_on_cpu_and_to_vllms_on_gpu():
+    assert SamplerConfig().resolved_block_size(on_gpu=False) == 32
+    assert SamplerConfig().resolved_block_size(on_gpu=True) is None
+    assert SamplerConfig(block_size=64).resolved_block_size(on_gpu=False) == 64
