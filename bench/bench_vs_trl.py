@@ -136,7 +136,9 @@ def score(renderer: ChatRenderer, reply_tokens: Sequence[int], answer: str) -> d
 # -- TRL's side (runs in .venv-trl) ---------------------------------------------------------
 
 
-def run_trl_child(model_path: str, steps: int, lr: float, events_path: str, out_dir: str) -> None:
+def run_trl_child(
+    model_path: str, steps: int, lr: float, events_path: str, out_dir: str, seed: int = SEED
+) -> None:
     """GRPOTrainer on the task; writes one JSON line per eval and per step to `events_path`."""
     import torch
     from peft import LoraConfig
@@ -256,7 +258,7 @@ def run_trl_child(model_path: str, steps: int, lr: float, events_path: str, out_
         bf16=False,
         fp16=False,
         gradient_checkpointing=False,
-        seed=SEED,
+        seed=seed,
         use_cpu=True,
         report_to="none",
         save_strategy="no",
@@ -427,21 +429,27 @@ def parse_ours(run_dir: Path, times: dict[int, float], log: str) -> Side:
     return side
 
 
-def run_trl(steps: int, lr: float, work: Path, model_path: str) -> Side:
+def run_trl(steps: int, lr: float, work: Path, model_path: str, seed: int = SEED) -> Side:
     subprocess.run(["bash", str(ROOT / "scripts" / "setup_trl.sh")], check=True)
     events_path = work / "trl_events.jsonl"
     events_path.unlink(missing_ok=True)
     python = str(TRL_VENV / "bin" / "python")
     cmd = [python, str(Path(__file__).resolve()), "--trl-child", "--model", model_path]
     cmd += ["--steps", str(steps), "--trl-lr", str(lr), "--events", str(events_path)]
-    cmd += ["--trl-out", str(work / "trl")]
+    cmd += ["--trl-out", str(work / "trl"), "--trl-seed", str(seed)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")  # a local model: no network
-    print(f"trl: GRPOTrainer, lr {lr}", flush=True)
+    print(f"trl: GRPOTrainer, lr {lr}, seed {seed}", flush=True)
     spawned, peak = run_child(cmd, env, work / "trl.log", lambda *_: None)
     side = parse_trl(events_path, spawned, str(work / "trl.log"))
     side.wall_s, side.peak_rss_mib = time.time() - spawned, peak
-    side.config = {"learning_rate": lr, "loss_type": "dapo", "scale_rewards": "none", "beta": 0.0}
+    side.config = {
+        "learning_rate": lr,
+        "seed": seed,
+        "loss_type": "dapo",
+        "scale_rewards": "none",
+        "beta": 0.0,
+    }
     return side
 
 
@@ -537,6 +545,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="2 steps per side (smoke run)")
     parser.add_argument("--sides", default="ours,trl", help="which sides, in this order")
     parser.add_argument("--trl-lr", type=float, default=1e-3, help="TRL's learning rate")
+    parser.add_argument(
+        "--trl-seed",
+        type=int,
+        default=SEED,
+        help="seed of TRL's trainer (LoRA init, sampling); the task's data stay seed 0",
+    )
     parser.add_argument("--ours", action="append", default=[], help="extra rl.train key=value")
     parser.add_argument("--work", default="", help="run directory (default: a new temp dir)")
     parser.add_argument("--out", default="bench/results/bench_vs_trl.json", help="JSON results")
@@ -550,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if steps < 1:
         parser.error(f"--steps {steps} must be >= 1")
     if args.trl_child:
-        run_trl_child(args.model, steps, args.trl_lr, args.events, args.trl_out)
+        run_trl_child(args.model, steps, args.trl_lr, args.events, args.trl_out, args.trl_seed)
         return
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or set(sides) - {"ours", "trl"} or len(set(sides)) != len(sides):
@@ -566,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if name == "ours":
             results.append(run_ours(steps, work, args.ours))
         else:
-            results.append(run_trl(steps, args.trl_lr, work, model_path))
+            results.append(run_trl(steps, args.trl_lr, work, model_path, args.trl_seed))
         print(summary(results[-1:], steps), flush=True)
     print("\n" + summary(results, steps))
     out = Path(args.out)

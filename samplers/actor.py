@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,13 @@ class SamplerActor:
         if adapter.owned:
             shutil.rmtree(adapter.path, ignore_errors=True)
 
-    async def load_merged(
-        self, weights: WeightsVersion, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, float]:
-        """Loads full weights once the requests running on the old ones have finished."""
+    async def load_merged(self, weights: WeightsVersion, state_dict: Any) -> dict[str, float]:
+        """Loads full weights (a state dict, or (adapter_config, adapter tensors) to merge
+        here) once the requests running on the old ones have finished."""
         start = time.perf_counter()
         if self._merged.model_id == weights.model_id and self._merged.version >= weights.version:
             return {"load_s": 0.0}
+        timings: dict[str, float] = {}
         if isinstance(state_dict, tuple):  # (adapter_config, adapter weights): merged here
             if self._merged == BASE and _no_delta(state_dict[1]):
                 # A fresh adapter (every LoRA B zero) merges into exactly the base weights
@@ -169,6 +170,7 @@ class SamplerActor:
                 self._merged = weights
                 return {"load_s": time.perf_counter() - start}
             state_dict = await asyncio.to_thread(self._merge_here, *state_dict)
+            timings["merge_s"] = time.perf_counter() - start
         self._merged_next = weights  # from now on, new requests for the old ones are refused
         try:
             while self._merged_users:
@@ -179,10 +181,10 @@ class SamplerActor:
             self._merged_next = None
         del state_dict
         _release_freed_memory()
-        return {"load_s": time.perf_counter() - start}
+        return {**timings, "load_s": time.perf_counter() - start}
 
     def _merge_here(
-        self, adapter_config: dict[str, Any], adapter: dict[str, torch.Tensor]
+        self, adapter_config: dict[str, Any], adapter: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """The adapter merged into this actor's copy of the base weights (samplers.merge)."""
         if self._base_weights is None:
@@ -247,7 +249,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _no_delta(adapter: dict[str, torch.Tensor]) -> bool:
+def _no_delta(adapter: Mapping[str, torch.Tensor]) -> bool:
     """True if the adapter changes no weight: every LoRA B (up-projection) is zero."""
     ups = [t for name, t in adapter.items() if "lora_B" in name]
     return bool(ups) and all(not t.any() for t in ups)

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,8 @@ def wandb_history(run_dir: Path) -> list[dict[str, object]]:
                 pos += 32768 - pos % 32768
                 continue
             _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if pos + 7 + length > len(data):  # a record still being written
+                break
             chunk = data[pos + 7 : pos + 7 + length]
             pos += 7 + length
             if kind == 0:
@@ -196,7 +199,13 @@ def test_metrics_logger_writes_jsonl_and_an_offline_wandb_run(tmp_path, monkeypa
         "reward": 1.0,
     }
 
-    history = [row for row in wandb_history(run_dir) if "train/loss" in row]
+    # `finish()` can return a moment before W&B's service process has flushed the run file.
+    deadline = time.monotonic() + 30.0
+    while True:
+        history = [row for row in wandb_history(run_dir) if "train/loss" in row]
+        if len(history) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [(row["step"], row["train/loss"]) for row in history] == [(0, 2.0), (1, 1.0), (2, 0.0)]
     assert "data/batch_indices" not in history[0]  # lists stay in metrics.jsonl only
     assert list(run_dir.glob("wandb/offline-run-*/files/media/table/samples_*.table.json"))

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ class LoadedCheckpoint:
 
 
 def write_peft_files(
-    directory: Path, adapter_config: dict[str, Any], weights: dict[str, torch.Tensor]
+    directory: Path, adapter_config: dict[str, Any], weights: Mapping[str, torch.Tensor]
 ) -> None:
     """A standard PEFT adapter: `adapter_config.json` + `adapter_model.safetensors` (keys as
     PEFT saves them, which `lora.adapter_state_dict` gives)."""

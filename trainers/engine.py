@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM
 from rl.errors import CheckpointError, InvalidRequestError, NotFoundError
 from rl.losses import LOSSES
 from rl.models import model_fingerprint, resolve_model
+from rl.packed import PackedTensors
 from rl.types import (
     AdamParams,
     Datum,
@@ -347,12 +348,13 @@ class LoraTrainer:
 
     # -- exports for the samplers ------------------------------------------------------------
 
-    def adapter_weights(self, model_id: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def adapter_weights(self, model_id: str) -> tuple[dict[str, Any], PackedTensors]:
+        """The adapter's config and PEFT-format weights, packed for the object store."""
         adapter = self._adapter(model_id)
         peft_model = self._peft_model()
         return (
             lora.adapter_config_dict(peft_model, adapter.name, self.model_path),
-            lora.adapter_state_dict(peft_model, adapter.name),
+            PackedTensors.pack(lora.adapter_state_dict(peft_model, adapter.name, copy=False)),
         )
 
     def merged_weights(self, model_id: str) -> dict[str, torch.Tensor]:

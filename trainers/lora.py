@@ -69,10 +69,14 @@ def adapter_config_dict(peft_model: PeftModel, adapter: str, base_model: str) ->
     return config
 
 
-def adapter_state_dict(peft_model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
-    """PEFT-format adapter weights, fp32 on the CPU (copies, safe to hand out)."""
+def adapter_state_dict(
+    peft_model: PeftModel, adapter: str, copy: bool = True
+) -> dict[str, torch.Tensor]:
+    """PEFT-format adapter weights, fp32 on the CPU: copies, safe to hand out (`copy=False`:
+    the live parameters wherever they already are fp32 on the CPU, for a caller that copies)."""
     state = get_peft_model_state_dict(peft_model, adapter_name=adapter, save_embedding_layers=False)
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+    return {k: v.clone() for k, v in state.items()} if copy else state
 
 
 def merged_state_dict(
