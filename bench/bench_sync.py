@@ -107,19 +107,18 @@ def main(config: BenchConfig) -> None:
     def read(value: object) -> int:
         return len(value[1])  # type: ignore[index]
 
-    exported = ray.get(client._actor.adapter_weights.remote(client.model_id))
-    adapter_config, packed = exported
+    adapter_config, packed = ray.get(client._actor.adapter_weights.remote(client.model_id))
     as_dict = {k: v.clone() for k, v in packed.items()}
-    times: dict[str, list[float]] = {"packed": [], "dict": []}
+    # Each as the trainer makes it from the live weights: one copy.
+    makers = {
+        "dict": lambda: {k: v.clone() for k, v in as_dict.items()},
+        "packed": lambda: PackedTensors.pack(as_dict),
+    }
+    times: dict[str, list[float]] = {name: [] for name in makers}
     for _ in range(config.transport_rounds):
-        for name, value in (("dict", as_dict), ("packed", packed)):
+        for name, make in makers.items():
             began = time.perf_counter()
-            # Each as the trainer makes it: one copy of the live weights.
-            if name == "packed":
-                value = PackedTensors.pack(as_dict)
-            else:
-                value = {k: v.clone() for k, v in as_dict.items()}
-            ray.get(read.remote(ray.put((adapter_config, value))))
+            ray.get(read.remote(ray.put((adapter_config, make()))))
             times[name].append(time.perf_counter() - began)
     ray.shutdown()
 

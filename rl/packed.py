@@ -10,6 +10,7 @@ of tensors takes it unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -25,11 +26,11 @@ class PackedTensors(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, names: list[str], shapes: list[tuple[int, ...]], flat: np.ndarray):
-        sizes = [int(np.prod(shape)) for shape in shapes]
-        if len(names) != len(shapes) or sum(sizes) != flat.size:
+        self._sizes = [math.prod(shape) for shape in shapes]
+        if len(names) != len(shapes) or sum(self._sizes) != flat.size:
             raise ValueError(
                 f"packed tensors: {len(names)} names, {len(shapes)} shapes and {flat.size} "
-                f"values for {sum(sizes)} elements"
+                f"values for {sum(self._sizes)} elements"
             )
         self.names, self.shapes, self.flat = list(names), [tuple(s) for s in shapes], flat
         self._tensors: dict[str, torch.Tensor] | None = None
@@ -48,12 +49,10 @@ class PackedTensors(Mapping[str, torch.Tensor]):
     def _unpacked(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
             values = torch.from_numpy(np.array(self.flat, dtype=np.float32, copy=True))
-            sizes = [int(np.prod(shape)) for shape in self.shapes]
+            parts = values.split(self._sizes)
             self._tensors = {
                 name: part.view(shape)
-                for name, shape, part in zip(
-                    self.names, self.shapes, values.split(sizes), strict=True
-                )
+                for name, shape, part in zip(self.names, self.shapes, parts, strict=True)
             }
         return self._tensors
 
