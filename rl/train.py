@@ -505,25 +505,29 @@ class RLTrainer:
 
         config = self.config
         self.log_route = route_logs(self.run_dir, config.verbose)
-        # The model name and the env are checked first, before anything is written or started.
-        self.tokenizer = load_tokenizer(resolve_model(config.base_model))
-        self.renderer = ChatRenderer(self.tokenizer)
-        self.train_data, self.test_data = build_datasets(config, self.renderer)
-        record = start_run(
-            self.run_dir,
-            dataclasses.asdict(config),
-            on_existing=config.on_existing,
-            may_differ=RESUMABLE_KEYS,
-        )
-        self.startup: dict[str, float] = {"startup/setup_s": process_age_s()}
-        if self.service is None:
-            self.service = make_service(config)
-            link_ray_logs(self.run_dir)
-        self.startup["startup/ray_s"] = process_age_s()
-        service = self.service
-        model_id = f"{service.session_id}:train:rl-{secrets.token_hex(4)}"
-        # The samplers start while the trainer loads (both take seconds to tens of seconds).
+        model_dir = resolve_model(config.base_model)  # a bad model name fails first
         with concurrent.futures.ThreadPoolExecutor(1) as threads:
+            # Ray starts while the tokenizer and the datasets load (which checks the env) in
+            # a thread. Not the other way round: Ray's processes die with the thread that
+            # started them.
+            loading = threads.submit(self._load_task, model_dir, load_tokenizer)
+            if self.service is None:
+                self.service = make_service(config)
+            ray_s = process_age_s()
+            loading.result()
+            record = start_run(
+                self.run_dir,
+                dataclasses.asdict(config),
+                on_existing=config.on_existing,
+                may_differ=RESUMABLE_KEYS,
+            )
+            self.startup: dict[str, float] = {"startup/setup_s": process_age_s()}
+            if self.own_service:
+                link_ray_logs(self.run_dir)
+            self.startup["startup/ray_s"] = ray_s
+            service = self.service
+            model_id = f"{service.session_id}:train:rl-{secrets.token_hex(4)}"
+            # The samplers start while the trainer loads (both take seconds to tens of seconds).
             samplers = threads.submit(
                 prestart_sync_pool, service, config.base_model, model_id, self._sync_mode
             )
@@ -565,6 +569,12 @@ class RLTrainer:
         )
         self.logger = self._logger(start)
         return start
+
+    def _load_task(self, model_dir: str, load_tokenizer: Callable[[str], Any]) -> None:
+        """The tokenizer, the chat renderer and the train and test datasets."""
+        self.tokenizer = load_tokenizer(model_dir)
+        self.renderer = ChatRenderer(self.tokenizer)
+        self.train_data, self.test_data = build_datasets(self.config, self.renderer)
 
     # -- run ---------------------------------------------------------------------------------
 

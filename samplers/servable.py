@@ -11,13 +11,26 @@ picked at start-up from many).
 
 engine="auto": an unservable model falls back to the torch engine with a one-line warning.
 engine="vllm": it is an error at once, before any actor starts.
+
+Asking vLLM means importing its model registry and CPU attention backend: 5-9 s on this
+machine, in the driver, before the first sampler actor can start. What it answers depends on
+the installed build only, so the answers are kept in a file per vLLM distribution and version
+(`<cache>/vllm/<dist>-<version>.json`, see rl.models.cache_dir) and later processes read them
+from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import importlib.metadata
+import json
 import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from rl.errors import InvalidRequestError
 from samplers.config import SamplerConfig, resolve_engine
@@ -84,15 +97,55 @@ def _head_size(hf_config: object) -> int | None:
 
 @functools.cache
 def _supported_architectures() -> frozenset[str]:
-    from vllm.model_executor.models import ModelRegistry
+    def ask() -> list[str]:
+        from vllm.model_executor.models import ModelRegistry
 
-    return frozenset(ModelRegistry.get_supported_archs())
+        return sorted(ModelRegistry.get_supported_archs())
+
+    return frozenset(_vllm_fact("architectures", ask))
 
 
 @functools.cache
 def _cpu_attention_limits() -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(head sizes, dtypes) vLLM's CPU attention backend declares (importing it: ~3 s)."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    """(head sizes, dtypes) vLLM's CPU attention backend declares."""
 
-    dtypes = tuple(str(d).removeprefix("torch.") for d in CPUAttentionBackend.supported_dtypes)
-    return tuple(CPUAttentionBackend.get_supported_head_sizes()), dtypes
+    def ask() -> list[list[Any]]:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        dtypes = [str(d).removeprefix("torch.") for d in CPUAttentionBackend.supported_dtypes]
+        return [list(CPUAttentionBackend.get_supported_head_sizes()), dtypes]
+
+    head_sizes, dtypes = _vllm_fact("cpu_attention", ask)
+    return tuple(int(h) for h in head_sizes), tuple(str(d) for d in dtypes)
+
+
+def _vllm_fact(name: str, ask: Callable[[], Any]) -> Any:
+    """`ask()`'s answer about the installed vLLM, from its facts file if there (see the
+    module docstring); asked and stored otherwise."""
+    path = _facts_path()
+    facts: dict[str, Any] = {}
+    if path is not None:
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(path.read_text())
+            facts = loaded if isinstance(loaded, dict) else {}
+    if name not in facts:
+        facts[name] = ask()
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                partial.write_text(json.dumps(facts, sort_keys=True))
+                partial.replace(path)
+    return facts[name]
+
+
+@functools.cache
+def _facts_path() -> Path | None:
+    """The facts file of the installed vLLM build; None if its distribution is not known."""
+    from rl.models import cache_dir
+
+    names = importlib.metadata.packages_distributions().get("vllm") or []
+    if not names:
+        return None
+    version = importlib.metadata.version(names[0])
+    return cache_dir() / "vllm" / f"{names[0]}-{version}.json"

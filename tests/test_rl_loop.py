@@ -168,6 +168,31 @@ def _run_train(args: list[str], log: Path) -> subprocess.Popen:
     )
 
 
+def test_rays_processes_outlive_the_setup_threads(tiny_model, tmp_path):
+    """rl.train starts Ray while the datasets load in a thread: Ray's own processes (GCS,
+    raylet) die with the thread that started them, so the main thread must start Ray."""
+    args = [a for a in tiny_args(tiny_model, tmp_path) if not a.startswith("sync_mode")]
+    script = f"""
+import sys, time
+from ray._private import worker
+from rl.cli import parse_config
+from rl.train import Config, RLTrainer
+trainer = RLTrainer(parse_config(Config, {args!r}))
+trainer._setup()
+time.sleep(1)
+dead = [name for name, _ in worker._global_node.dead_processes()]
+trainer.service.close()
+print("dead:", dead)
+sys.exit(3 if dead else 0)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
 def test_kill_9_then_resume_reaches_the_same_end_with_the_same_data(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
     args = tiny_args(tiny_model, run_dir, num_steps=5, save_every=1, log_samples=0)

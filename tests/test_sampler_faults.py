@@ -6,6 +6,7 @@ serve; `vllm_tiny_model` (head size 32) is one it can.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -40,6 +41,34 @@ def test_vllm_pre_check_names_the_head_size(tiny_model, vllm_tiny_model):
     reason = vllm_unsupported_reason(tiny_model, "float32", on_gpu=False)
     assert reason is not None and "head size 16" in reason
     assert vllm_unsupported_reason(vllm_tiny_model, "float32", on_gpu=False) is None
+
+
+def test_vllm_pre_check_answers_from_its_facts_file(tiny_model, tmp_path, monkeypatch):
+    """vLLM's answers are asked once per installed build and then read from a file: a
+    second process does not import vLLM's model registry for them (~5-9 s)."""
+    pytest.importorskip("vllm")
+    from samplers import servable
+
+    monkeypatch.setenv("ENGINEROOM_HOME", str(tmp_path))
+    caches = (servable._facts_path, servable._supported_architectures)
+    caches += (servable._cpu_attention_limits,)
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        assert servable.vllm_unsupported_reason(tiny_model, "float32", on_gpu=False)
+        (path,) = (tmp_path / "vllm").glob("*.json")
+        facts = json.loads(path.read_text())
+        assert "LlamaForCausalLM" in facts["architectures"]
+        assert 16 not in facts["cpu_attention"][0] and "float32" in facts["cpu_attention"][1]
+        # A build that declared head size 16 (written here): the file's answer is the one used.
+        facts["cpu_attention"][0].append(16)
+        path.write_text(json.dumps(facts))
+        for cache in caches:
+            cache.cache_clear()
+        assert servable.vllm_unsupported_reason(tiny_model, "float32", on_gpu=False) is None
+    finally:
+        for cache in caches:
+            cache.cache_clear()
 
 
 def test_engine_vllm_on_an_unservable_model_fails_before_any_actor(ray_local, tiny_model, tmp_path):
