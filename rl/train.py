@@ -501,7 +501,7 @@ class RLTrainer:
     # -- setup -----------------------------------------------------------------------------
 
     def _setup(self) -> int:
-        from rl.models import load_tokenizer, resolve_model
+        from rl.models import resolve_model
 
         config = self.config
         self.log_route = route_logs(self.run_dir, config.verbose)
@@ -510,7 +510,7 @@ class RLTrainer:
             # Ray starts while the tokenizer and the datasets load (which checks the env) in
             # a thread. Not the other way round: Ray's processes die with the thread that
             # started them.
-            loading = threads.submit(self._load_task, model_dir, load_tokenizer)
+            loading = threads.submit(self._load_task, model_dir)
             if self.service is None:
                 self.service = make_service(config)
             ray_s = process_age_s()
@@ -570,8 +570,10 @@ class RLTrainer:
         self.logger = self._logger(start)
         return start
 
-    def _load_task(self, model_dir: str, load_tokenizer: Callable[[str], Any]) -> None:
+    def _load_task(self, model_dir: str) -> None:
         """The tokenizer, the chat renderer and the train and test datasets."""
+        from rl.models import load_tokenizer
+
         self.tokenizer = load_tokenizer(model_dir)
         self.renderer = ChatRenderer(self.tokenizer)
         self.train_data, self.test_data = build_datasets(self.config, self.renderer)

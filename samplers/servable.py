@@ -14,9 +14,9 @@ engine="vllm": it is an error at once, before any actor starts.
 
 Asking vLLM means importing its model registry and CPU attention backend: 5-9 s on this
 machine, in the driver, before the first sampler actor can start. What it answers depends on
-the installed build only, so the answers are kept in a file per vLLM distribution and version
-(`<cache>/vllm/<dist>-<version>.json`, see rl.models.cache_dir) and later processes read them
-from there.
+the installed build only, so the answers are kept in a file per build
+(`<cache>/vllm/facts-<key>.json`, keyed by the package's path and install time; see
+rl.models.cache_dir) and later processes read them from there in milliseconds.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib.metadata
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -141,11 +142,13 @@ def _vllm_fact(name: str, ask: Callable[[], Any]) -> Any:
 
 @functools.cache
 def _facts_path() -> Path | None:
-    """The facts file of the installed vLLM build; None if its distribution is not known."""
+    """The facts file of the installed vLLM build, keyed by where its package is and when it
+    was installed (no import, no scan of the installed distributions); None without vLLM."""
     from rl.models import cache_dir
 
-    names = importlib.metadata.packages_distributions().get("vllm") or []
-    if not names:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
         return None
-    version = importlib.metadata.version(names[0])
-    return cache_dir() / "vllm" / f"{names[0]}-{version}.json"
+    origin = Path(spec.origin)
+    build = f"{origin}:{origin.stat().st_mtime_ns}"
+    return cache_dir() / "vllm" / f"facts-{hashlib.sha256(build.encode()).hexdigest()[:16]}.json"
