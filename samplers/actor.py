@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import tempfile
@@ -169,8 +170,9 @@ class SamplerActor:
                 # that this engine holds: nothing to reload (the sync's check still runs).
                 self._merged = weights
                 return {"load_s": time.perf_counter() - start}
-            state_dict = await asyncio.to_thread(self._merge_here, *state_dict)
-            timings["merge_s"] = time.perf_counter() - start
+            # Merged on the engine's thread, once the old weights' requests are done.
+            adapter_config, adapter = state_dict
+            state_dict = functools.partial(self._merge_here, adapter_config, adapter, timings)
         self._merged_next = weights  # from now on, new requests for the old ones are refused
         try:
             while self._merged_users:
@@ -184,9 +186,14 @@ class SamplerActor:
         return {**timings, "load_s": time.perf_counter() - start}
 
     def _merge_here(
-        self, adapter_config: dict[str, Any], adapter: Mapping[str, torch.Tensor]
+        self,
+        adapter_config: dict[str, Any],
+        adapter: Mapping[str, torch.Tensor],
+        timings: dict[str, float],
     ) -> dict[str, torch.Tensor]:
-        """The adapter merged into this actor's copy of the base weights (samplers.merge)."""
+        """The adapter merged into this actor's copy of the base weights (samplers.merge);
+        its time goes in `timings["merge_s"]`."""
+        began = time.perf_counter()
         if self._base_weights is None:
             self._base_weights = BaseWeights(self._engine.info.model_dir)
         dtype = getattr(torch, self._engine.info.dtype)
@@ -196,6 +203,7 @@ class SamplerActor:
                 "this adapter cannot be merged on the sampler (embedding or DoRA adapter, or "
                 "weights missing from the checkpoint's safetensors); sync it with full weights"
             )
+        timings["merge_s"] = time.perf_counter() - began
         return merged
 
     async def sleep(self) -> bool:

@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from rl.errors import InvalidRequestError
 from rl.types import SampledSequence, SampleResponse
 from samplers.config import SamplerConfig
 from samplers.types import EngineInfo, SampleRequest
+
+if TYPE_CHECKING:
+    from samplers.engine import FullWeights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -182,12 +185,13 @@ class TorchEngine:
         self._model.delete_adapter(name)
         self._adapters.discard(name)
 
-    def load_full_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self._worker.submit(lambda: self._load_full_weights(state_dict), urgent=True).result()
+    def load_full_weights(self, weights: FullWeights) -> None:
+        self._worker.submit(lambda: self._load_full_weights(weights), urgent=True).result()
 
-    def _load_full_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def _load_full_weights(self, weights: FullWeights) -> None:
         if self._adapters:
             raise RuntimeError("merged weights cannot be loaded into an engine serving adapters")
+        state_dict = weights() if callable(weights) else weights
         with torch.no_grad():
             missing, unexpected = self._base.load_state_dict(state_dict, strict=False)
         if unexpected:

@@ -9,8 +9,9 @@ until the running requests finish, and the requests queued after it wait for it:
 generated with half-old, half-new weights.
 
 Weights: adapters are vLLM LoRA adapters (`LLMEngine.add_lora` / `remove_lora`), one fresh
-`lora_int_id` per version. Merged syncs go through `collective_rpc("reload_weights",
-weights_iterator=...)`. Base models with tied embeddings are untied for merged syncs
+`lora_int_id` per version. Merged syncs of whole linear layers swap the packed weights in
+directly on CPU (`samplers.vllm_swap`); anything else goes through
+`collective_rpc("reload_weights", weights_iterator=...)`. Base models with tied embeddings are untied for merged syncs
 (`hf_overrides`), since a merged unembedding LoRA makes the output head differ from the input
 embedding; the head is then initialised from the embedding right after start-up.
 
@@ -33,11 +34,11 @@ import logging
 import os
 import queue
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,6 +46,9 @@ from rl.errors import InvalidRequestError
 from rl.types import SampledSequence, SampleResponse
 from samplers.config import SamplerConfig
 from samplers.types import EngineFailedError, EngineInfo, SampleRequest
+
+if TYPE_CHECKING:
+    from samplers.engine import FullWeights
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,7 @@ class VLLMEngine:
         self._exclusive_running: str | None = None
         self._failed: BaseException | None = None
         self._asleep = False  # sleep mode: weights in host memory until the next command
+        self.reloads: Counter[str] = Counter()  # full-weight loads by path: "swap", "reload"
         # vLLM is built on the engine thread itself: its CPU worker binds the OpenMP threads
         # of the thread that starts it, and steps from any other thread run ~10% slower.
         started: concurrent.futures.Future[EngineInfo] = concurrent.futures.Future()
@@ -246,11 +251,23 @@ class VLLMEngine:
     def unload_adapter(self, version: int) -> None:
         self.call(lambda: self._engine.remove_lora(version))
 
-    def load_full_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_full_weights(self, weights: FullWeights) -> None:
+        from samplers.vllm_swap import swap_on_worker
+
         def reload() -> None:
-            self._llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": iter(state_dict.items())}
-            )
+            state_dict = dict(weights() if callable(weights) else weights)
+            try:
+                swapped = all(self._llm.collective_rpc(swap_on_worker, args=(state_dict,)))
+            except Exception:  # a layer half-swapped: the full reload below rewrites them all
+                logger.warning("swapping merged weights in failed; reloading", exc_info=True)
+                swapped = False
+            if swapped:
+                self.reloads["swap"] += 1
+            else:
+                self._llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_iterator": iter(state_dict.items())}
+                )
+                self.reloads["reload"] += 1
             # Idle by construction (drain), so the reset cannot be refused.
             self._engine.reset_prefix_cache()
 

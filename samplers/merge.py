@@ -23,6 +23,10 @@ _PEFT_PREFIX = "base_model.model."
 # A tied output head is not stored: its base weight is the input embedding (the engine of a
 # merged pool unties the two, so a merged head does not change the embedding).
 _TIED = {"lm_head.weight": "model.embed_tokens.weight"}
+# Weights that engines stack into one matrix, in their stacked order (vLLM's `qkv_proj` and
+# `gate_up_proj`). Their merged weights are row blocks of one buffer, so an engine that
+# stacks them takes the buffer as it is (samplers.vllm_swap) instead of copying them together.
+FUSED_ROWS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def merge_plan(
@@ -110,12 +114,41 @@ def merged_weights(
     if bases is None:
         return None
     scale = lora_scale(adapter_config)
-    merged = {}
     for name, (a_key, b_key) in plan.items():
-        a = state[a_key].to(torch.float32)
-        b = state[b_key].to(torch.float32)
-        weight = bases[name]
-        if b.shape[0] != weight.shape[0] or a.shape[1] != weight.shape[1]:
+        rows, cols = bases[name].shape
+        if state[b_key].shape[0] != rows or state[a_key].shape[1] != cols:
             return None  # a layout this does not know (e.g. fan_in_fan_out)
-        merged[name] = torch.addmm(weight, b, a, alpha=scale).to(dtype)
+    merged: dict[str, torch.Tensor] = {}
+    for group in _fused_groups(list(plan), bases):
+        buffer = torch.empty(
+            sum(bases[n].shape[0] for n in group), bases[group[0]].shape[1], dtype=torch.float32
+        )
+        blocks = buffer.split([bases[n].shape[0] for n in group])
+        for name, block in zip(group, blocks, strict=True):
+            a_key, b_key = plan[name]
+            a = state[a_key].to(torch.float32)
+            b = state[b_key].to(torch.float32)
+            torch.addmm(bases[name], b, a, alpha=scale, out=block)
+        if dtype != torch.float32:
+            blocks = buffer.to(dtype).split([bases[n].shape[0] for n in group])
+        merged.update(zip(group, blocks, strict=True))
     return merged
+
+
+def _fused_groups(names: list[str], bases: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """`names` grouped into the stacks of FUSED_ROWS where a stack is whole (and its parts
+    have one width); every other name alone."""
+    groups: list[list[str]] = []
+    taken: set[str] = set()
+    wanted = set(names)
+    for name in names:
+        if name in taken:
+            continue
+        parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+        stack = next((s for s in FUSED_ROWS if leaf in s), None)
+        group = [f"{parent}.{part}.weight" for part in stack] if stack else [name]
+        if not all(n in wanted for n in group) or len({bases[n].shape[1] for n in group}) > 1:
+            group = [name]
+        groups.append(group)
+        taken.update(group)
+    return groups

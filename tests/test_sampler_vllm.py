@@ -1,7 +1,7 @@
 """The vLLM engine, in-process (no Ray), on a tiny random model. One engine for the module.
 
-Full-weight reloads (merged syncs) run on engines without LoRA; they are tested through the
-whole stack in tests/test_sampler_vllm_ray.py.
+Full-weight reloads (merged syncs) run on engines without LoRA; the swap of merged linear
+weights is tested here, and the whole stack in tests/test_sampler_vllm_ray.py.
 
 vLLM's CPU attention needs a head size that is a multiple of 32, so the tiny model here has
 hidden size 128 (4 heads of 32), not the session fixture's 64.
@@ -10,6 +10,8 @@ hidden size 128 (4 heads of 32), not the session fixture's 64.
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import torch
 pytest.importorskip("vllm")
 
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rl.errors import InvalidRequestError
@@ -204,5 +207,55 @@ def test_engine_without_lora_sampled_logprobs(vllm_tiny_model):
             assert sequence.logprobs == pytest.approx(expected, abs=1e-4)
         with pytest.raises(InvalidRequestError, match="logprobs_mode"):
             sample(engine, max_tokens=2)  # "model" logprobs from a "sampled" engine
+    finally:
+        engine.shutdown()
+
+
+def test_merged_weights_are_swapped_into_the_packed_layers(vllm_tiny_model, adapters):
+    """A merged sync's weights (every linear layer and the head, from samplers.merge) go
+    straight into vLLM's packed CPU layers, not through its layerwise reload, and the engine
+    then scores as the model with those weights does. A state dict the swap cannot take (one
+    with a norm's weight) goes through vLLM's reload, after a swap as well."""
+    from samplers.engine_vllm import VLLMEngine
+    from samplers.merge import BaseWeights, merged_weights
+    from samplers.vllm_swap import plan_swap
+
+    path, _ = adapters[0]
+    adapter_config = json.loads((Path(path) / "adapter_config.json").read_text())
+    saved = load_file(str(Path(path) / "adapter_model.safetensors"))
+    lora = {k: v for k, v in saved.items() if ".lora_" in k}  # not the tied head peft adds
+    merged = merged_weights(BaseWeights(vllm_tiny_model), adapter_config, lora, torch.float32)
+    assert merged is not None and "lm_head.weight" in merged
+    reference = AutoModelForCausalLM.from_pretrained(vllm_tiny_model, dtype=torch.float32).eval()
+    reference.lm_head.weight = torch.nn.Parameter(reference.lm_head.weight.detach().clone())
+    before = reference_logprobs(reference, SEQUENCE)
+    config = SamplerConfig(engine="vllm", dtype="float32", enforce_eager=True,
+                           max_model_len=256, kv_cache_gib=0.25)  # fmt: skip
+    engine = VLLMEngine(vllm_tiny_model, config, enable_lora=False)
+    try:
+        reference.load_state_dict(merged, strict=False)
+        engine.load_full_weights(merged)
+        assert engine.reloads == {"swap": 1}
+        swapped = sample(engine, SEQUENCE, max_tokens=1, include_prompt_logprobs=True)
+        expected = reference_logprobs(reference, SEQUENCE)
+        assert swapped.prompt_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+        assert max(abs(a - b) for a, b in zip(expected, before, strict=True)) > 0.05
+
+        # A final norm beside them is no linear layer: vLLM reloads the lot.
+        changed = {**merged, "model.norm.weight": reference.model.norm.weight.detach() * 1.5}
+        reference.load_state_dict(changed, strict=False)
+        engine.load_full_weights(changed)
+        assert engine.reloads == {"swap": 1, "reload": 1}
+        reloaded = sample(engine, SEQUENCE, max_tokens=1, include_prompt_logprobs=True)
+        expected_now = reference_logprobs(reference, SEQUENCE)
+        assert reloaded.prompt_logprobs[1:] == pytest.approx(expected_now, abs=1e-4)
+        assert max(abs(a - b) for a, b in zip(expected_now, expected, strict=True)) > 1e-3
+
+        # One shard of a fused layer cannot be swapped in (the others are packed away).
+        lone = ["model.layers.0.self_attn.q_proj.weight"]
+        plans = engine._llm.collective_rpc(
+            lambda worker: plan_swap(worker.model_runner.get_model(), "LlamaForCausalLM", lone)
+        )
+        assert plans == [None]
     finally:
         engine.shutdown()
