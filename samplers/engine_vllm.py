@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import os
 import queue
@@ -139,6 +140,11 @@ class VLLMEngine:
 
         # Before vLLM starts: its CPU worker disables torch.set_num_threads afterwards.
         torch.set_num_threads(config.resolved_threads())
+        if config.enforce_eager and not on_gpu:
+            # vLLM's sampler compiles one small helper (the rank of each token's logprob)
+            # even in eager mode: 2.3-2.5 s on the engine's first request, for no measured
+            # gain in its later ones on CPU. Process-wide: a sampler actor runs one engine.
+            torch.compiler.set_stance("force_eager")
         hf_config = AutoConfig.from_pretrained(model_dir)
         # Merged syncs may change the output head alone; give it its own weight.
         untie = not enable_lora and bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -179,6 +185,9 @@ class VLLMEngine:
             )
         if untie:
             kwargs["hf_overrides"] = {"tie_word_embeddings": False}
+        # vLLM runs full garbage collections while it loads the model (~1 s here, scanning
+        # every object that torch's and vLLM's imports made); frozen, those are skipped.
+        gc.freeze()
         self._llm = LLM(model_dir, **kwargs)
         self._engine = self._llm.llm_engine
         if untie:
