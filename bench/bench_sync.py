@@ -7,8 +7,9 @@
    `forward_backward` + `optim_step` on 16 random 40-token datums, then
    `save_weights_and_get_sampling_client`, split as the sync's metrics report it:
    trainer side (adapter export and the trainer's probe forward, queued together),
-   merge (the sampler merging the adapter into its base copy), reload (vLLM's in-place reload
-   of the merged tensors), verify (the sampler's probe logprobs vs the trainer's).
+   merge (the sampler merging the adapter into its base copy, on the engine's thread), reload
+   (the engine taking the merged tensors: on CPU vLLM, repacked straight into its linear
+   layers, `samplers/vllm_swap.py`), verify (the sampler's probe logprobs vs the trainer's).
 2. Transport: the same adapter, as the trainer exports it (`rl.packed.PackedTensors`, one flat
    buffer) and as a dict of tensors (before), through `ray.put` and a task that reads it, in
    alternating rounds; prints packed / dict.

@@ -9,11 +9,12 @@ until the running requests finish, and the requests queued after it wait for it:
 generated with half-old, half-new weights.
 
 Weights: adapters are vLLM LoRA adapters (`LLMEngine.add_lora` / `remove_lora`), one fresh
-`lora_int_id` per version. Merged syncs of whole linear layers swap the packed weights in
-directly on CPU (`samplers.vllm_swap`); anything else goes through
-`collective_rpc("reload_weights", weights_iterator=...)`. Base models with tied embeddings are untied for merged syncs
-(`hf_overrides`), since a merged unembedding LoRA makes the output head differ from the input
-embedding; the head is then initialised from the embedding right after start-up.
+`lora_int_id` per version. On CPU, merged syncs of whole linear layers are repacked straight
+into vLLM's layers (`samplers.vllm_swap`); anything else goes through
+`collective_rpc("reload_weights", weights_iterator=...)`. Base models with tied embeddings
+are untied for merged syncs (`hf_overrides`), since a merged unembedding LoRA makes the
+output head differ from the input embedding; the head is then initialised from the embedding
+right after start-up.
 
 Prompt logprobs on a LoRA engine: vLLM 0.32 applies the unembedding (lm_head) LoRA to the
 prompt logits with the per-request mapping of the whole batch, so prompt logprobs are only

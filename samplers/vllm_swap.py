@@ -23,8 +23,9 @@ from typing import Any, cast
 import torch
 
 # Architectures whose vLLM `load_weights` stacks checkpoint shards unchanged in the order of
-# `packed_modules_mapping` (no permutation, no renaming of these modules).
-SWAPPABLE_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM"})
+# `packed_modules_mapping` (no permutation, no renaming of these modules), checked against a
+# forward in tests/test_sampler_vllm.py. Others (Qwen2's loader looks the same) reload.
+SWAPPABLE_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def _one_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
         return None
     at = whole.data_ptr()
     for t in tensors:
-        if t._base is not whole or t.data_ptr() != at or not t.is_contiguous():
+        if t._base is not whole or t.data_ptr() != at or t.shape[1:] != whole.shape[1:]:
             return None
         at += t.numel() * t.element_size()
     return whole
