@@ -184,6 +184,9 @@ class Config:
     rollout_timeout_s: float = doc(0.0, "per sample call (0 = none); a timeout is a failure")
     # -- engines ----------------------------------------------------------------------------
     sampler_engine: Literal["auto", "vllm", "torch"] = doc("auto", "sampler engine")
+    sampler_dtype: Literal["auto", "bfloat16", "float32"] = doc(
+        "auto", "samplers' weights dtype (auto: float32 on CPU, bfloat16 on GPU)"
+    )
     sync_mode: Literal["auto", "adapter", "merged"] = doc("auto", "weight sync mode (samplers/)")
     enforce_eager: bool = doc(
         True,
@@ -291,6 +294,7 @@ class Config:
 
         return SamplerConfig(
             engine=self.sampler_engine,
+            dtype=self.sampler_dtype,
             sync_mode=self.sync_mode,
             enforce_eager=self.enforce_eager,
             max_model_len=self.max_context,

@@ -101,15 +101,19 @@ def test_rl_train_and_sft_keys_reach_the_actor_configs(tmp_path):
             "sampler_num_gpus=0.5",
             "sampler_gpu_memory_utilization=0.4",
             "sampler_tensor_parallel_size=1",
+            "sampler_dtype=bfloat16",
         ],
     )
     trainer, sampler = config.trainer_config(), config.sampler_config()
+    assert sampler.dtype == "bfloat16"
     assert trainer.resources == {"trainer_node": 1.0} and trainer.num_gpus == 0.5
     assert trainer.placement_strategy == "SPREAD" and trainer.gradient_checkpointing
     assert sampler.resources_per_actor == {"sampler_node": 0.5}
     assert sampler.num_gpus_per_actor == 0.5 and sampler.gpu_memory_utilization == 0.4
     with pytest.raises(InvalidRequestError, match="trainer_resources"):
         parse_config(Config, ["trainer_resources=trainer_node"])
+    with pytest.raises(InvalidRequestError, match="sampler_dtype"):
+        parse_config(Config, ["sampler_dtype=float8"])
     with pytest.raises(InvalidRequestError, match="vLLM settings"):
         parse_config(Config, ["sampler_engine=torch", "sleep_between_rollouts=true"])
 
