@@ -120,17 +120,16 @@ def merged_weights(
             return None  # a layout this does not know (e.g. fan_in_fan_out)
     merged: dict[str, torch.Tensor] = {}
     for group in _fused_groups(list(plan), bases):
-        buffer = torch.empty(
-            sum(bases[n].shape[0] for n in group), bases[group[0]].shape[1], dtype=torch.float32
-        )
-        blocks = buffer.split([bases[n].shape[0] for n in group])
+        heights = [bases[n].shape[0] for n in group]
+        buffer = torch.empty(sum(heights), bases[group[0]].shape[1], dtype=torch.float32)
+        blocks = buffer.split(heights)
         for name, block in zip(group, blocks, strict=True):
             a_key, b_key = plan[name]
             a = state[a_key].to(torch.float32)
             b = state[b_key].to(torch.float32)
             torch.addmm(bases[name], b, a, alpha=scale, out=block)
         if dtype != torch.float32:
-            blocks = buffer.to(dtype).split([bases[n].shape[0] for n in group])
+            blocks = buffer.to(dtype).split(heights)
         merged.update(zip(group, blocks, strict=True))
     return merged
 

@@ -30,31 +30,32 @@ SWAPPABLE_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
 
 @dataclass(frozen=True)
 class LayerSwap:
-    """One layer's new weight: its module path, its shards' names in fused order."""
+    """One layer's new weight: the layer, and its shards' names in fused order."""
 
-    module: str
+    layer: Any
     shards: tuple[str, ...]
     head: bool  # the output head (an embedding-shaped layer that keeps its weight)
 
 
-def plan_swap(model: Any, architecture: str, names: list[str]) -> list[LayerSwap] | None:
-    """How to swap in weights named `names` (checkpoint names), or None if this model or
-    this set of names needs vLLM's full reload."""
+def plan_swap(
+    model: Any, architecture: str, weights: Mapping[str, torch.Tensor]
+) -> list[LayerSwap] | None:
+    """How to swap in `weights` (checkpoint names), or None if this model or these weights
+    (their names or shapes) need vLLM's full reload."""
     from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import (
         ParallelLMHead,
         UnquantizedEmbeddingMethod,
     )
 
-    if architecture not in SWAPPABLE_ARCHITECTURES or not names:
+    if architecture not in SWAPPABLE_ARCHITECTURES or not weights:
         return None
     packed: Mapping[str, list[str]] = getattr(model, "packed_modules_mapping", {}) or {}
     fused_of = {part: fused for fused, parts in packed.items() for part in parts}
     modules = dict(model.named_modules())
-    wanted = set(names)
     plan: dict[str, LayerSwap] = {}
-    for name in names:
-        if not name.endswith(".weight"):
+    for name in weights:
+        if not name.endswith(".weight") or weights[name].dim() != 2:
             return None
         parent, _, leaf = name.removesuffix(".weight").rpartition(".")
         fused = fused_of.get(leaf)
@@ -65,55 +66,44 @@ def plan_swap(model: Any, architecture: str, names: list[str]) -> list[LayerSwap
         if layer is None or getattr(layer, "tp_size", 1) != 1:
             return None
         if isinstance(layer, ParallelLMHead):
-            method_ok = isinstance(layer.quant_method, UnquantizedEmbeddingMethod)
             embed = modules.get(module_name.replace("lm_head", "model.embed_tokens"))
             weight = cast(torch.Tensor, layer.weight)
             tied = embed is not None and cast(torch.Tensor, embed.weight).data_ptr() == (
                 weight.data_ptr()
             )
-            if not method_ok or tied or weight.dim() != 2:
+            rows, cols = weights[name].shape
+            if (
+                not isinstance(layer.quant_method, UnquantizedEmbeddingMethod)
+                or tied
+                or weight.dim() != 2
+                or cols != weight.shape[1]
+                or rows > weight.shape[0]
+            ):
                 return None
-            plan[module_name] = LayerSwap(module_name, (name,), head=True)
+            plan[module_name] = LayerSwap(layer, (name,), head=True)
             continue
         if not isinstance(layer, LinearBase) or not isinstance(
             layer.quant_method, UnquantizedLinearMethod
         ):
             return None
         shards = tuple(f"{parent}.{part}.weight" for part in packed[fused]) if fused else (name,)
-        if any(shard not in wanted for shard in shards):
+        if any(shard not in weights for shard in shards):
             return None  # part of a fused layer: the other parts' weights are packed away
-        plan[module_name] = LayerSwap(module_name, shards, head=False)
+        sizes = getattr(layer, "output_partition_sizes", [layer.output_size_per_partition])
+        if [weights[s].shape[0] for s in shards] != list(sizes) or any(
+            weights[s].shape[1] != layer.input_size_per_partition for s in shards
+        ):
+            return None
+        plan[module_name] = LayerSwap(layer, shards, head=False)
     return list(plan.values())
 
 
-def shapes_fit(model: Any, plan: list[LayerSwap], weights: Mapping[str, torch.Tensor]) -> bool:
-    """Whether every stacked weight has the shape its layer computes with."""
-    modules = dict(model.named_modules())
-    for swap in plan:
-        layer = modules[swap.module]
-        tensors = [weights[s] for s in swap.shards]
-        if any(t.dim() != 2 for t in tensors):
-            return False
-        if swap.head:
-            rows, cols = layer.weight.shape
-            if tensors[0].shape[1] != cols or tensors[0].shape[0] > rows:
-                return False
-            continue
-        expected = list(getattr(layer, "output_partition_sizes", [layer.output_size_per_partition]))
-        if [t.shape[0] for t in tensors] != expected:
-            return False
-        if any(t.shape[1] != layer.input_size_per_partition for t in tensors):
-            return False
-    return True
-
-
 def apply_swap(
-    model: Any, plan: list[LayerSwap], weights: Mapping[str, torch.Tensor], dtype: torch.dtype
+    plan: list[LayerSwap], weights: Mapping[str, torch.Tensor], dtype: torch.dtype
 ) -> None:
     """Stacks each layer's shards and packs them through the layer's own quant method."""
-    modules = dict(model.named_modules())
     for swap in plan:
-        layer = modules[swap.module]
+        layer = swap.layer
         if swap.head:
             new = weights[swap.shards[0]]
             layer.weight.data[: new.shape[0]].copy_(new)
@@ -156,8 +146,8 @@ def swap_on_worker(worker: Any, weights: dict[str, torch.Tensor]) -> bool:
         return False
     model = worker.model_runner.get_model()
     architecture = (model_config.architectures or [""])[0]
-    plan = plan_swap(model, architecture, list(weights))
-    if plan is None or not shapes_fit(model, plan, weights):
+    plan = plan_swap(model, architecture, weights)
+    if plan is None:
         return False
-    apply_swap(model, plan, weights, model_config.dtype)
+    apply_swap(plan, weights, model_config.dtype)
     return True

@@ -261,7 +261,8 @@ def test_merged_weights_are_swapped_into_the_packed_layers(vllm_tiny_model, adap
         assert max(abs(a - b) for a, b in zip(expected_now, expected, strict=True)) > 1e-3
 
         # One shard of a fused layer cannot be swapped in (the others are packed away).
-        lone = ["model.layers.0.self_attn.q_proj.weight"]
+        q_proj = "model.layers.0.self_attn.q_proj.weight"
+        lone = {q_proj: merged[q_proj]}
         plans = engine._llm.collective_rpc(
             lambda worker: plan_swap(worker.model_runner.get_model(), "LlamaForCausalLM", lone)
         )
