@@ -192,12 +192,10 @@ class VLLMEngine:
         self._llm = LLM(model_dir, **kwargs)
         self._engine = self._llm.llm_engine
         if untie:
-            # The CPU backend repacks weights after loading, so the head is set through
-            # reload_weights (which repacks again), not by copying into the parameter.
+            # The CPU backend repacks weights after loading, so the head is set through a
+            # swap or reload_weights (each packs it), not by copying into the parameter.
             _, embedding = _input_embedding(model_dir)
-            self._llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": iter([("lm_head.weight", embedding)])}
-            )
+            self._load_whole({"lm_head.weight": embedding})
         model_config = self._engine.model_config
         return EngineInfo(
             engine="vllm",
@@ -262,26 +260,30 @@ class VLLMEngine:
         self.call(lambda: self._engine.remove_lora(version))
 
     def load_full_weights(self, weights: FullWeights) -> None:
-        from samplers.vllm_swap import swap_on_worker
-
         def reload() -> None:
-            state_dict = dict(weights() if callable(weights) else weights)
-            try:
-                swapped = all(self._llm.collective_rpc(swap_on_worker, args=(state_dict,)))
-            except Exception:  # a layer half-swapped: the full reload below rewrites them all
-                logger.warning("swapping merged weights in failed; reloading", exc_info=True)
-                swapped = False
-            if swapped:
-                self.reloads["swap"] += 1
-            else:
-                self._llm.collective_rpc(
-                    "reload_weights", kwargs={"weights_iterator": iter(state_dict.items())}
-                )
-                self.reloads["reload"] += 1
+            path = self._load_whole(dict(weights() if callable(weights) else weights))
+            self.reloads[path] += 1
             # Idle by construction (drain), so the reset cannot be refused.
             self._engine.reset_prefix_cache()
 
         self.call(reload, drain=True)
+
+    def _load_whole(self, state_dict: dict[str, torch.Tensor]) -> str:
+        """On the engine thread: swaps whole tensors into vLLM's layers where
+        `samplers.vllm_swap` can, else reloads them through vLLM's loaders. Returns which."""
+        from samplers.vllm_swap import swap_on_worker
+
+        try:
+            swapped = all(self._llm.collective_rpc(swap_on_worker, args=(state_dict,)))
+        except Exception:  # a layer half-swapped: the full reload below rewrites them all
+            logger.warning("swapping merged weights in failed; reloading", exc_info=True)
+            swapped = False
+        if swapped:
+            return "swap"
+        self._llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(state_dict.items())}
+        )
+        return "reload"
 
     def sleep(self) -> None:
         """Once the running requests finish, frees the GPU memory of the weights (copied to

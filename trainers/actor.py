@@ -19,7 +19,6 @@ import ray
 
 from rl.resources import Reservation, reserve_bundles
 from trainers.config import TrainerConfig
-from trainers.engine import LoraTrainer
 
 
 def reserve_trainer(base_model: str, config: TrainerConfig) -> list[Reservation]:
@@ -57,4 +56,7 @@ def start_trainer(
         from trainers.group import start_ranks
 
         return start_ranks(base_model, config, options)
+    # Imported here: the driver needs the class only to start it (peft loads with it).
+    from trainers.engine import LoraTrainer
+
     return [ray.remote(LoraTrainer).options(**options[0]).remote(base_model, config)]  # type: ignore[attr-defined]
