@@ -260,6 +260,9 @@ class VLLMEngine:
         self.call(lambda: self._engine.remove_lora(version))
 
     def load_full_weights(self, weights: FullWeights) -> None:
+        # Prefer a function that makes the tensors (it runs on the engine thread): on CPU,
+        # swapping in tensors allocated on another thread left every later batch ~20%
+        # slower, for a reason not found (bench/README.md, sixth pass).
         def reload() -> None:
             path = self._load_whole(dict(weights() if callable(weights) else weights))
             self.reloads[path] += 1
@@ -276,7 +279,7 @@ class VLLMEngine:
         try:
             swapped = all(self._llm.collective_rpc(swap_on_worker, args=(state_dict,)))
         except Exception:  # a layer half-swapped: the full reload below rewrites them all
-            logger.warning("swapping merged weights in failed; reloading", exc_info=True)
+            logger.warning("swapping weights in failed; reloading", exc_info=True)
             swapped = False
         if swapped:
             return "swap"
