@@ -260,9 +260,9 @@ class VLLMEngine:
         self.call(lambda: self._engine.remove_lora(version))
 
     def load_full_weights(self, weights: FullWeights) -> None:
-        # Prefer a function that makes the tensors (it runs on the engine thread): on CPU,
-        # swapping in tensors allocated on another thread left every later batch ~20%
-        # slower, for a reason not found (bench/README.md, sixth pass).
+        # Prefer a function that makes the tensors: it runs on the engine thread. On CPU a
+        # parallel torch op on any other thread of the process starts a second OpenMP
+        # team, which left every later engine step 10-20% slower (bench/README.md).
         def reload() -> None:
             path = self._load_whole(dict(weights() if callable(weights) else weights))
             self.reloads[path] += 1
