@@ -257,15 +257,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_SERIAL_NUMEL = 32768  # torch's grain: smaller reductions run on the calling thread alone
+
+
 def _no_delta(adapter: Mapping[str, torch.Tensor]) -> bool:
     """True if the adapter changes no weight: every LoRA B (up-projection) is zero."""
     ups = [t for name, t in adapter.items() if "lora_B" in name]
-    # In pieces that torch reduces on this thread alone (32,768 elements, its grain): a
-    # larger reduction starts an OpenMP team on this thread, and a second team in the
-    # process left every later engine step 10-20% slower (bench/README.md, sixth pass).
+    # In pieces of at most _SERIAL_NUMEL: a larger reduction starts an OpenMP team on this
+    # (the actor's) thread, and a second team in the process left every later engine step
+    # 10-20% slower (bench/README.md, sixth pass).
     return bool(ups) and all(
         not piece.any() for t in ups for piece in t.reshape(-1).split(_SERIAL_NUMEL)
     )
-
-
-_SERIAL_NUMEL = 32768

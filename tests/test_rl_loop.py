@@ -168,6 +168,16 @@ def _run_train(args: list[str], log: Path) -> subprocess.Popen:
     )
 
 
+def _run_script(script: str, timeout: float) -> None:
+    """Runs `script` in a fresh Python with the repo importable; it must exit 0."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
 def test_rays_processes_outlive_the_setup_threads(tiny_model, tmp_path):
     """rl.train starts Ray while the datasets load in a thread: Ray's own processes (GCS,
     raylet) die with the thread that started them, so the main thread must start Ray."""
@@ -185,12 +195,7 @@ trainer.service.close()
 print("dead:", dead)
 sys.exit(3 if dead else 0)
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    _run_script(script, timeout=300)
 
 
 def test_the_driver_reaches_ray_without_the_trainers_imports():
@@ -208,12 +213,7 @@ print("imported:", heavy)
 assert trainers.LoraTrainer.__module__ == "trainers.engine"  # still there on first use
 sys.exit(3 if heavy else 0)
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    _run_script(script, timeout=120)
 
 
 def test_kill_9_then_resume_reaches_the_same_end_with_the_same_data(tiny_model, tmp_path):
