@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_vs_trl.py --steps 8 --sides trl,ours --trl-lr 1e-4
     .venv/bin/python bench/bench_vs_trl.py --quick          # 2 steps per side: a smoke run
     .venv/bin/python bench/bench_vs_trl.py --ours sync_mode=adapter     # extra rl.train keys
+    .venv/bin/python bench/bench_vs_trl.py --steps 5 --repeats 3 --trl-seed 0,1,2  # spreads
 
 One invocation runs both sides one after the other, each in a child process of its own:
 
@@ -35,6 +36,13 @@ metrics.jsonl afterwards). Peak memory is the peak over one-second samples of th
 over the child and all its descendants (Ray's GCS, raylet and actor processes for ours); a
 sum of RSS counts shared pages (libraries, Ray's object store) once per process, so it
 overstates ours somewhat.
+
+One run per side is one draw: step 1 is a single Adam step from a zero LoRA B, and whether it
+lifts the held-out accuracy past 80% varies from run to run on both sides. `--repeats N` runs
+ours N times (the task's seed stays 0; the runs differ in their sampling) and `--trl-seed`
+takes a list of TRL seeds, one run each (a TRL run is deterministic for its seed); the summary
+then adds each side's median time to 80%, the share of runs that reached it at step 1 and the
+mean accuracy at each mark.
 
 Seconds per step by phase: ours from metrics.jsonl (`time/sample_s`, `time/score_s`,
 `time/train_s`, `time/sync_s`, `time/eval_s`, `time/step_s`); TRL's from timers around its
@@ -307,7 +315,8 @@ class Eval:
 
 @dataclass
 class Side:
-    name: str
+    name: str  # "ours" or "trl"
+    label: str = ""  # the run's column: the name, with its repeat or seed when there are several
     evals: list[Eval] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # mean seconds per step
     peak_rss_mib: float = 0.0
@@ -387,8 +396,8 @@ def run_child(
 EVAL_LINE = re.compile(r"\[(?:baseline|eval|final)\] after (\d+) steps: held-out accuracy")
 
 
-def run_ours(steps: int, work: Path, extra: Sequence[str]) -> Side:
-    run_dir = work / "ours"
+def run_ours(steps: int, work: Path, extra: Sequence[str], tag: str = "ours") -> Side:
+    run_dir = work / tag
     cmd = [sys.executable, "-m", "rl.train", f"num_steps={steps}", "eval_every=1"]
     cmd += [f"{k}={v}" for k, v in TASK_KEYS.items()]
     cmd += [f"log_dir={run_dir}", "on_existing=overwrite", *extra]
@@ -401,9 +410,11 @@ def run_ours(steps: int, work: Path, extra: Sequence[str]) -> Side:
         if match:
             times.setdefault(int(match.group(1)), seconds)
 
-    print(f"ours: {' '.join(cmd[1:])}", flush=True)
-    spawned, peak = run_child(cmd, env, work / "ours.log", on_line)
-    side = parse_ours(run_dir, times, str(work / "ours.log"))
+    print(f"{tag}: {' '.join(cmd[1:])}", flush=True)
+    log = work / f"{tag}.log"
+    spawned, peak = run_child(cmd, env, log, on_line)
+    side = parse_ours(run_dir, times, str(log))
+    side.label = tag
     side.wall_s, side.peak_rss_mib = time.time() - spawned, peak
     return side
 
@@ -429,19 +440,22 @@ def parse_ours(run_dir: Path, times: dict[int, float], log: str) -> Side:
     return side
 
 
-def run_trl(steps: int, lr: float, work: Path, model_path: str, seed: int = SEED) -> Side:
+def run_trl(
+    steps: int, lr: float, work: Path, model_path: str, seed: int = SEED, tag: str = "trl"
+) -> Side:
     subprocess.run(["bash", str(ROOT / "scripts" / "setup_trl.sh")], check=True)
-    events_path = work / "trl_events.jsonl"
+    events_path = work / f"{tag}_events.jsonl"
     events_path.unlink(missing_ok=True)
     python = str(TRL_VENV / "bin" / "python")
     cmd = [python, str(Path(__file__).resolve()), "--trl-child", "--model", model_path]
     cmd += ["--steps", str(steps), "--trl-lr", str(lr), "--events", str(events_path)]
-    cmd += ["--trl-out", str(work / "trl"), "--trl-seed", str(seed)]
+    cmd += ["--trl-out", str(work / tag), "--trl-seed", str(seed)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")  # a local model: no network
     print(f"trl: GRPOTrainer, lr {lr}, seed {seed}", flush=True)
-    spawned, peak = run_child(cmd, env, work / "trl.log", lambda *_: None)
-    side = parse_trl(events_path, spawned, str(work / "trl.log"))
+    spawned, peak = run_child(cmd, env, work / f"{tag}.log", lambda *_: None)
+    side = parse_trl(events_path, spawned, str(work / f"{tag}.log"))
+    side.label = tag
     side.wall_s, side.peak_rss_mib = time.time() - spawned, peak
     side.config = {
         "learning_rate": lr,
@@ -503,13 +517,15 @@ PHASES = {  # key -> label, in the order shown
 
 
 def summary(sides: list[Side], steps: int) -> str:
-    """The comparison as text: time to 80%, accuracy marks, phases, memory, every eval."""
+    """The comparison as text, one column per run: time to 80%, accuracy marks, phases,
+    memory, every eval; with several runs of a side, each side's spread after it."""
 
     def cell(e: Eval | None) -> str:
         return f"{e.accuracy:.0%} / {e.format:.0%} ({e.seconds:.0f} s)" if e else "-"
 
-    names = [s.name for s in sides]
+    names = [s.label or s.name for s in sides]
     hit = [s.time_to(TARGET) for s in sides]
+    marks = [m for m in MARKS if m < steps] + [steps]
     rows = [["", *names]]
     rows.append(
         [
@@ -517,7 +533,7 @@ def summary(sides: list[Side], steps: int) -> str:
             *(f"{e.seconds:.0f} s (step {e.step})" if e else "not reached" for e in hit),
         ]
     )
-    for mark in [m for m in MARKS if m < steps] + [steps]:
+    for mark in marks:
         rows.append([f"after {mark} steps: acc / format (s)", *(cell(s.at(mark)) for s in sides)])
     for key, label in PHASES.items():
         if any(key in s.phases for s in sides):
@@ -529,14 +545,55 @@ def summary(sides: list[Side], steps: int) -> str:
     rows.append(["every eval: after N steps", *names])
     for step in sorted({e.step for s in sides for e in s.evals}):
         rows.append([f"{step:>3}", *(cell(s.at(step)) for s in sides)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    by_name = dict(zip(names, hit, strict=True))
-    if {"ours", "trl"} <= set(names):
-        ours, trl = by_name["ours"], by_name["trl"]
+    lines = _table(rows)
+    runs = {name: [s for s in sides if s.name == name] for name in ("ours", "trl")}
+    if all(len(r) == 1 for r in runs.values()):
+        ours, trl = (runs[n][0].time_to(TARGET) for n in ("ours", "trl"))
         ratio = f"{ours.seconds / trl.seconds:.2f}x" if ours and trl else "n/a (not reached)"
-        lines.insert(2, f"{'  ours / TRL':<{widths[0]}}  {ratio} (target <= 0.5x)")
+        width = max(len(r[0]) for r in rows)
+        lines.insert(2, f"{'  ours / TRL':<{width}}  {ratio} (target <= 0.5x)")
+    elif any(len(r) > 1 for r in runs.values()):
+        lines += ["", *_table(spread_rows({n: r for n, r in runs.items() if r}, marks))]
     return "\n".join(lines)
+
+
+def spread_rows(runs: dict[str, list[Side]], marks: Sequence[int]) -> list[list[str]]:
+    """Each side over its runs: median time to 80% (a run that never reached it counts as
+    slower than any that did), runs that reached it at step 1, mean accuracy at each mark."""
+    names = list(runs)
+    medians: dict[str, float] = {}
+    rows = [["over runs", *(f"{n} ({len(runs[n])} runs)" for n in names)]]
+    cells = []
+    for name in names:
+        times = [e.seconds if (e := s.time_to(TARGET)) else math.inf for s in runs[name]]
+        medians[name] = statistics.median(times)
+        cells.append(f"{medians[name]:.0f} s" if math.isfinite(medians[name]) else "not reached")
+    rows.append(["median time to 80% held-out", *cells])
+    rows.append(
+        [
+            "runs at 80% after step 1",
+            *(
+                f"{sum(bool((e := s.at(1)) and e.accuracy >= TARGET) for s in runs[n])}"
+                f"/{len(runs[n])}"
+                for n in names
+            ),
+        ]
+    )
+    for mark in marks:
+        means = []
+        for name in names:
+            values = [e.accuracy for s in runs[name] if (e := s.at(mark))]
+            means.append(f"{statistics.fmean(values):.1%}" if values else "-")
+        rows.append([f"mean accuracy after {mark} steps", *means])
+    if {"ours", "trl"} <= set(medians) and all(math.isfinite(m) for m in medians.values()):
+        ratio = medians["ours"] / medians["trl"]
+        rows.append(["ours / TRL, medians", f"{ratio:.2f}x (target <= 0.5x)", ""])
+    return rows
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -547,9 +604,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--trl-lr", type=float, default=1e-3, help="TRL's learning rate")
     parser.add_argument(
         "--trl-seed",
-        type=int,
-        default=SEED,
-        help="seed of TRL's trainer (LoRA init, sampling); the task's data stay seed 0",
+        default=str(SEED),
+        help="seed of TRL's trainer (LoRA init, sampling), or several ('0,1,2'), one run "
+        "each; the task's data stay seed 0",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of ours (they differ in their sampling)"
     )
     parser.add_argument("--ours", action="append", default=[], help="extra rl.train key=value")
     parser.add_argument("--work", default="", help="run directory (default: a new temp dir)")
@@ -563,8 +623,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     steps = 2 if args.quick else args.steps
     if steps < 1:
         parser.error(f"--steps {steps} must be >= 1")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats} must be >= 1")
+    try:
+        seeds = [int(x) for x in args.trl_seed.split(",")]
+    except ValueError:
+        parser.error(f"--trl-seed {args.trl_seed!r}: expected an integer or a list like '0,1,2'")
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--trl-seed {args.trl_seed!r}: a seed repeats (a TRL run is deterministic)")
     if args.trl_child:
-        run_trl_child(args.model, steps, args.trl_lr, args.events, args.trl_out, args.trl_seed)
+        run_trl_child(args.model, steps, args.trl_lr, args.events, args.trl_out, seeds[0])
         return
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or set(sides) - {"ours", "trl"} or len(set(sides)) != len(sides):
@@ -578,10 +646,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = []
     for name in sides:
         if name == "ours":
-            results.append(run_ours(steps, work, args.ours))
+            for i in range(args.repeats):
+                tag = "ours" if args.repeats == 1 else f"ours-{i + 1}"
+                results.append(run_ours(steps, work, args.ours, tag))
+                print(summary(results[-1:], steps), flush=True)
         else:
-            results.append(run_trl(steps, args.trl_lr, work, model_path, args.trl_seed))
-        print(summary(results[-1:], steps), flush=True)
+            for seed in seeds:
+                tag = "trl" if len(seeds) == 1 else f"trl-s{seed}"
+                results.append(run_trl(steps, args.trl_lr, work, model_path, seed, tag))
+                print(summary(results[-1:], steps), flush=True)
     print("\n" + summary(results, steps))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

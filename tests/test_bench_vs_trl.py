@@ -75,3 +75,48 @@ def test_trl_reward_is_the_env_reward(bench, tokenizer):
     assert bench.score(renderer, reply, "10") == {"reward": 0.0, "correct": 1.0, "format": 0.0}
     words = tokenizer.encode("ten", add_special_tokens=False)
     assert bench.score(renderer, [*words, end], "10")["reward"] == -1.0
+
+
+def _run(bench, name, label, accuracies, seconds_per_step=10.0):
+    """A side's run with held-out accuracy `accuracies[s]` after step s."""
+    side = bench.Side(name, label)
+    side.evals = [
+        bench.Eval(step, acc, 1.0, 20.0 + seconds_per_step * step)
+        for step, acc in enumerate(accuracies)
+    ]
+    return side
+
+
+def test_one_run_per_side_prints_the_ratio(bench):
+    ours = _run(bench, "ours", "ours", [0.2, 0.85, 0.9])
+    trl = _run(bench, "trl", "trl", [0.2, 0.81, 0.9], seconds_per_step=40.0)
+    text = bench.summary([ours, trl], 2)
+    assert "ours / TRL" in text and "0.50x" in text  # 30 s against 60 s
+    assert "over runs" not in text
+
+
+def test_repeated_runs_give_each_sides_spread(bench):
+    runs = [
+        _run(bench, "ours", "ours-1", [0.2, 0.85, 0.9]),  # 80% at 30 s
+        _run(bench, "ours", "ours-2", [0.2, 0.6, 0.9]),  # at 40 s
+        _run(bench, "ours", "ours-3", [0.2, 0.5, 0.7]),  # never
+        _run(bench, "trl", "trl-s0", [0.2, 0.81, 0.9], seconds_per_step=40.0),  # at 60 s
+        _run(bench, "trl", "trl-s1", [0.2, 0.72, 0.95], seconds_per_step=40.0),  # at 100 s
+    ]
+    text = bench.summary(runs, 2)
+    header = text.splitlines()[0].split()
+    assert header == ["ours-1", "ours-2", "ours-3", "trl-s0", "trl-s1"]  # one column per run
+    lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    # Medians: ours 40 s (30, 40, never); TRL 80 s (60, 100).
+    assert lines["median time to 80% held-out"].split()[-4:] == ["40", "s", "80", "s"]
+    assert lines["runs at 80% after step 1"].split()[-2:] == ["1/3", "1/2"]
+    assert lines["mean accuracy after 2 steps"].split()[-2:] == ["83.3%", "92.5%"]
+    assert "0.50x" in lines["ours / TRL, medians"]
+    assert "ours / TRL  " not in text  # no single-run ratio
+
+
+def test_bad_seed_lists_are_refused(bench, capsys):
+    for value in ("0,x", "1,1"):
+        with pytest.raises(SystemExit):
+            bench.main(["--trl-seed", value, "--sides", "trl"])
+        assert "--trl-seed" in capsys.readouterr().err
