@@ -16,8 +16,9 @@ import random
 import pytest
 import torch
 
-from rl.data import scale_advantages
-from rl.types import AdamParams, Datum, LoraConfig, ModelInput, to_tensor_data
+from envs.base import Trajectory, TrajectoryGroup, Transition
+from rl.data import groups_to_datums, scale_advantages
+from rl.types import AdamParams, Datum, LoraConfig
 from trainers import TrainerConfig
 from trainers.engine import LoraTrainer
 
@@ -25,52 +26,59 @@ LR, BETA2, EPS, CLIP = 1e-3, 0.95, 1e-8, 1.0
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _batch(seed: int) -> list[tuple[list[int], list[int], float]]:
-    """(prompt, completion, advantage): 3 groups of 4 samples on a shared prompt each, with
-    the group-mean baseline of the loop (rl.data) on random rewards."""
+Group = list[tuple[list[int], list[int], float]]  # (prompt, completion, reward) per sample
+
+
+def _batch(seed: int) -> list[Group]:
+    """3 groups of 4 samples with random rewards, each group on a prompt of its own."""
     rng = random.Random(seed)
-    out = []
+    groups = []
     for _ in range(3):
         prompt = [rng.randrange(5, 400) for _ in range(rng.randint(6, 12))]
-        rewards = [rng.choice([-1.0, 0.0, 1.0]) for _ in range(4)]
-        mean = sum(rewards) / len(rewards)
-        for reward in rewards:
-            completion = [rng.randrange(5, 400) for _ in range(rng.randint(2, 9))]
-            out.append((prompt, completion, reward - mean))
-    return out
-
-
-def _datums(batch, old: list[list[float]]) -> list[Datum]:
-    """As rl.data builds them: the prompt carries weight 0, the completion weight 1, its old
-    logprobs and the sequence's advantage; then scaled as the preset's token mean."""
-    datums = []
-    for (prompt, completion, advantage), logprobs in zip(batch, old, strict=True):
-        tokens = prompt + completion
-        n, m = len(prompt), len(completion)
-        inputs = {
-            "target_tokens": tokens[1:],
-            "weights": [0.0] * (n - 1) + [1.0] * m,
-            "logprobs": [0.0] * (n - 1) + logprobs,
-            "advantages": [0.0] * (n - 1) + [advantage] * m,
-        }
-        datums.append(
-            Datum(
-                model_input=ModelInput.from_ints(tokens[:-1]),
-                loss_fn_inputs={k: to_tensor_data(v, k) for k, v in inputs.items()},
-            )
+        groups.append(
+            [
+                (
+                    prompt,
+                    [rng.randrange(5, 400) for _ in range(rng.randint(2, 9))],
+                    rng.choice([-1.0, 0.0, 1.0]),
+                )
+                for _ in range(4)
+            ]
         )
-    return scale_advantages(datums, 1.0 / sum(len(c) for _, c, _ in batch))
+    return groups
 
 
-def _dapo_step(model, params, optimizer, batch) -> float:
+def _tokens(groups: list[Group]) -> int:
+    return sum(len(c) for group in groups for _, c, _ in group)
+
+
+def _datums(groups: list[Group], old: list[list[float]] | None = None) -> list[Datum]:
+    """The loop's datums: rl.data's advantages (reward - group mean) and datums, scaled to the
+    preset's token mean; `old`: the sampler's logprobs of each completion, in order."""
+    logprobs = iter(old or [[0.0] * len(c) for group in groups for _, c, _ in group])
+    trajectory_groups = [
+        TrajectoryGroup(
+            [Trajectory([Transition(p, c, next(logprobs), r, True)]) for p, c, r in group],
+            [0.0] * len(group),
+            [{} for _ in group],
+        )
+        for group in groups
+    ]
+    return scale_advantages(groups_to_datums(trajectory_groups), 1.0 / _tokens(groups))
+
+
+def _dapo_step(model, params, optimizer, groups: list[Group]) -> float:
     """TRL's dapo loss over the batch, by hand; returns the pre-clip gradient norm."""
     optimizer.zero_grad()
-    total = sum(len(c) for _, c, _ in batch)
-    for prompt, completion, advantage in batch:
-        ids = torch.tensor([prompt + completion])
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-        logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
-        (-(torch.exp(logp - logp.detach()) * advantage).sum() / total).backward()
+    total = _tokens(groups)
+    for group in groups:
+        mean = sum(r for _, _, r in group) / len(group)
+        for prompt, completion, reward in group:
+            ids = torch.tensor([prompt + completion])
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+            targets = torch.tensor(completion)[:, None]
+            logp = torch.log_softmax(logits, -1).gather(-1, targets)[:, 0]
+            (-(torch.exp(logp - logp.detach()) * (reward - mean)).sum() / total).backward()
     norm = torch.nn.utils.clip_grad_norm_(params, CLIP)
     optimizer.step()
     return float(norm)
@@ -104,11 +112,12 @@ def test_a_preset_step_is_trls_dapo_step(tiny_model, tmp_path):
 
     for step in range(2):
         batch = _batch(step)
+        completions = [c for group in batch for _, c, _ in group]
         # The sampler's logprobs of a fresh batch are the trainer's own (a synced sampler).
-        fresh = trainer.forward("m", _datums(batch, [[0.0] * len(c) for _, c, _ in batch]), "ppo")
+        fresh = trainer.forward("m", _datums(batch), "ppo")
         old = [
             o["logprobs"].to_torch()[-len(c) :].tolist()
-            for o, (_, c, _) in zip(fresh.loss_fn_outputs, batch, strict=True)
+            for o, c in zip(fresh.loss_fn_outputs, completions, strict=True)
         ]
         trainer.forward_backward("m", _datums(batch, old), "ppo")
         got_norm = trainer.optim_step("m", adam).metrics["grad_norm:mean"]
