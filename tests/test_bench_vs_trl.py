@@ -115,8 +115,10 @@ def test_repeated_runs_give_each_sides_spread(bench):
     assert "ours / TRL  " not in text  # no single-run ratio
 
 
-def test_bad_seed_lists_are_refused(bench, capsys):
-    for value in ("0,x", "1,1"):
+def test_bad_seed_lists_and_repeats_are_refused(bench, capsys, tmp_path):
+    bad = [["--trl-seed", "0,x"], ["--trl-seed", "1,1"], ["--repeats", "0"]]
+    for args in bad:
         with pytest.raises(SystemExit):
-            bench.main(["--trl-seed", value, "--sides", "trl"])
-        assert "--trl-seed" in capsys.readouterr().err
+            bench.main([*args, "--sides", "ours", "--work", str(tmp_path / "w")])
+        assert args[0] in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # refused before anything ran or was written
