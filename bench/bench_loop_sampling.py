@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_loop_sampling.py            # 3 alternating rounds
 
-Two shapes, both from `python -m rl.train`'s preset (arithmetic level 1, SmolLM2-135M-Instruct):
+Two shapes, both from `python -m rl.loop.train`'s preset (arithmetic level 1, SmolLM2-135M-Instruct):
 
 - a training batch: 12 problems x 8 samples, temperature 1, <= 16 tokens, the logprob of every
   sampled token (batches 0, 1, 2, ... of the loop's own order);
@@ -12,9 +12,9 @@ Raw: `vllm.LLM.generate` in a child process of its own, with the engine settings
 gives its samplers (float32, eager, prefix caching, KV block size, context length, threads),
 every prompt of the shape in one call (`n=8` for a training batch), detokenization off.
 
-Loop: the code `rl.train` runs, in this process: `RLTrainer` sets up the trainer and the
+Loop: the code `rl.loop.train` runs, in this process: `RLTrainer` sets up the trainer and the
 samplers (Ray actors) as the main job does, syncs the initial weights in the preset's mode,
-then a round times `rl.rollouts.run_batch` on the loop's batch builders (rendering, sampling
+then a round times `rl.loop.rollouts.run_batch` on the loop's batch builders (rendering, sampling
 through `SamplingClient.sample`, the reward) and the loop's own `_eval`.
 
 Raw and loop alternate, round by round, so load from other users hits both alike; the ratio
@@ -67,10 +67,10 @@ def raw_engine(engine: dict[str, Any], threads: int, shapes: dict[str, Any], pip
 
 
 def main(config: Config) -> None:
+    from rl.loop.rollouts import run_batch
+    from rl.loop.train import Config as TrainConfig
+    from rl.loop.train import RLTrainer, batch_builders
     from rl.models import resolve_model
-    from rl.rollouts import run_batch
-    from rl.train import Config as TrainConfig
-    from rl.train import RLTrainer, batch_builders
 
     work = tempfile.mkdtemp(prefix="bench_loop_sampling_")
     train_config = TrainConfig(log_dir=work, on_existing="overwrite")

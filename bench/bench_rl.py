@@ -1,6 +1,6 @@
-"""Seconds per RL step (rl.train) on SmolLM2, sync vs async, and the loop's own overhead.
+"""Seconds per RL step (rl.loop.train) on SmolLM2, sync vs async, and the loop's own overhead.
 
-    python bench/bench_rl.py               # the rl.train preset at 8 groups, 4 steps per mode
+    python bench/bench_rl.py               # the rl.loop.train preset at 8 groups, 4 steps per mode
     python bench/bench_rl.py steps=4 groups_per_batch=8 out=bench/rl.json
     python bench/bench_rl.py trainer_threads=1 sampler_threads=1    # cores split, not shared
 
@@ -76,8 +76,8 @@ def loop_args(config: BenchConfig, mode: str, off_policy: int) -> list[str]:
 
 
 def run_mode(config: BenchConfig, mode: str, off_policy: int) -> tuple[dict[str, float], ...]:
-    """Runs rl.train, then the raw parts on its trainer and engine: (phase means, raw parts)."""
-    from rl.train import Config, RLTrainer, make_service
+    """Runs rl.loop.train, then the raw parts on its trainer and engine: (phase means, raw parts)."""
+    from rl.loop.train import Config, RLTrainer, make_service
 
     train_config = parse_config(Config, loop_args(config, mode, off_policy))
     service = make_service(train_config)
@@ -97,8 +97,8 @@ def phase_means(history: list[dict[str, Any]]) -> dict[str, float]:
 
 async def raw_generation(trainer: Any, client: Any, step: int) -> float:
     """The batch's prompts sampled with bare `sample` calls, all in flight at once."""
-    from rl.rollouts import RolloutConfig
-    from rl.train import batch_builders
+    from rl.loop.rollouts import RolloutConfig
+    from rl.loop.train import batch_builders
     from rl.types import ModelInput
 
     builders = batch_builders(trainer.train_data, step)

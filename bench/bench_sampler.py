@@ -162,7 +162,7 @@ def _fmt(values: list[float]) -> str:
 
 
 def datum(tokens: list[int]) -> Any:
-    from rl.data import supervised_datum
+    from rl.loop.datums import supervised_datum
 
     return supervised_datum(tokens, [1.0] * len(tokens))
 

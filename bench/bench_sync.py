@@ -1,9 +1,9 @@
 """Where a merged-mode weight sync of the main job goes, and the adapter's transport A/B.
 
-    .venv/bin/python bench/bench_sync.py              # rl.train's preset (r16, merged, vLLM)
+    .venv/bin/python bench/bench_sync.py              # rl.loop.train's preset (r16, merged, vLLM)
     .venv/bin/python bench/bench_sync.py syncs=10 train_unembed=false
 
-1. Phases, on `rl.train`'s own trainer and sampler configs: `syncs` times, one
+1. Phases, on `rl.loop.train`'s own trainer and sampler configs: `syncs` times, one
    `forward_backward` + `optim_step` on 16 random 40-token datums, then
    `save_weights_and_get_sampling_client`, split as the sync's metrics report it:
    trainer side (adapter export and the trainer's probe forward, queued together),
@@ -37,7 +37,7 @@ from rl.cli import doc, parse_config  # noqa: E402
 class BenchConfig:
     syncs: int = doc(6, "timed syncs (after an untimed first one)")
     transport_rounds: int = doc(6, "rounds of the transport A/B")
-    train_unembed: bool = doc(True, "LoRA on the output head too (rl.train's key)")
+    train_unembed: bool = doc(True, "LoRA on the output head too (rl.loop.train's key)")
 
 
 def memory_bandwidth_gbs() -> float:
@@ -57,8 +57,8 @@ def main(config: BenchConfig) -> None:
 
     import rl
     from rl import types
+    from rl.loop.train import Config as TrainConfig
     from rl.packed import PackedTensors
-    from rl.train import Config as TrainConfig
 
     print(f"memory bandwidth before: {memory_bandwidth_gbs():.1f} GB/s", flush=True)
     preset = parse_config(TrainConfig, [])

@@ -3,12 +3,12 @@
     .venv/bin/python bench/bench_vs_trl.py                  # 20 steps, ours first, then TRL
     .venv/bin/python bench/bench_vs_trl.py --steps 8 --sides trl,ours --trl-lr 1e-4
     .venv/bin/python bench/bench_vs_trl.py --quick          # 2 steps per side: a smoke run
-    .venv/bin/python bench/bench_vs_trl.py --ours sync_mode=adapter     # extra rl.train keys
+    .venv/bin/python bench/bench_vs_trl.py --ours sync_mode=adapter     # extra rl.loop.train keys
     .venv/bin/python bench/bench_vs_trl.py --steps 5 --repeats 3 --trl-seed 0,1,2  # spreads
 
 One invocation runs both sides one after the other, each in a child process of its own:
 
-- ours: `python -m rl.train` with the task keys below and our preset's defaults for everything
+- ours: `python -m rl.loop.train` with the task keys below and our preset's defaults for everything
   else (learning rate, loss, LoRA, engines), held-out eval after every step (`eval_every=1`;
   the baseline eval before step 0 is the loop's own);
 - TRL: `GRPOTrainer` 1.16 (HF generate, no vLLM) in its own environment `.venv-trl`
@@ -79,7 +79,7 @@ from envs.arithmetic import build_datasets  # noqa: E402
 from envs.chat import ChatRenderer  # noqa: E402
 from envs.problem import ProblemGroupBuilder  # noqa: E402
 
-# The task, passed to rl.train as key=value and rebuilt here for TRL from the same envs call.
+# The task, passed to rl.loop.train as key=value and rebuilt here for TRL from the same envs call.
 TASK_KEYS = {
     "env": "arithmetic",
     "env_args": "level=1,num_test=100",
@@ -109,8 +109,8 @@ class Prompt:
 
 
 def task_prompts(tokenizer: Any, steps: int) -> tuple[list[Prompt], list[Prompt]]:
-    """(train, test): `steps` x 12 training prompts in rl.train's batch order (step s uses
-    `train.get_batch(s % len(train))`, as `rl.train.batch_builders`), and the 100 held-out."""
+    """(train, test): `steps` x 12 training prompts in rl.loop.train's batch order (step s uses
+    `train.get_batch(s % len(train))`, as `rl.loop.train.batch_builders`), and the 100 held-out."""
     renderer = ChatRenderer(tokenizer)
     train, test = build_datasets(
         renderer,
@@ -398,7 +398,7 @@ EVAL_LINE = re.compile(r"\[(?:baseline|eval|final)\] after (\d+) steps: held-out
 
 def run_ours(steps: int, work: Path, extra: Sequence[str], tag: str = "ours") -> Side:
     run_dir = work / tag
-    cmd = [sys.executable, "-m", "rl.train", f"num_steps={steps}", "eval_every=1"]
+    cmd = [sys.executable, "-m", "rl.loop.train", f"num_steps={steps}", "eval_every=1"]
     cmd += [f"{k}={v}" for k, v in TASK_KEYS.items()]
     cmd += [f"log_dir={run_dir}", "on_existing=overwrite", *extra]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh embedded Ray
@@ -611,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of ours (they differ in their sampling)"
     )
-    parser.add_argument("--ours", action="append", default=[], help="extra rl.train key=value")
+    parser.add_argument("--ours", action="append", default=[], help="extra rl.loop.train key=value")
     parser.add_argument("--work", default="", help="run directory (default: a new temp dir)")
     parser.add_argument("--out", default="bench/results/bench_vs_trl.json", help="JSON results")
     # The TRL child (run by the parent in .venv-trl).

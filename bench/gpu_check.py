@@ -8,7 +8,7 @@ numerics, and the torch sampling engine on the GPU, each measured in the same ru
 Written for the device machine: Python 3.12 with torch, transformers and peft but no Ray, no
 vLLM, no pydantic (scripts/gpu_check.sh installs carried wheels for that) and no network. So
 every model is random-initialised from its config's shapes and written to a temp dir with a
-word-level tokenizer made here; the trainer is `trainers.engine.LoraTrainer`, in-process (its
+word-level tokenizer made here; the trainer is `trainers.trainer.LoraTrainer`, in-process (its
 Ray actor is a thin shell around it).
 
 1. throughput: LoRA r16 (attention + MLP) forward_backward + optim_step tokens/s on the
@@ -161,7 +161,7 @@ def ours_step_s(config: Config, model_dir: str, tokens: list[int], workdir: str)
     """Seconds per forward_backward + optim_step of our engine on one sequence."""
     from rl.types import AdamParams, Datum, LoraConfig, ModelInput
     from trainers.config import TrainerConfig
-    from trainers.engine import LoraTrainer
+    from trainers.trainer import LoraTrainer
 
     trainer = LoraTrainer(
         model_dir,
@@ -313,7 +313,7 @@ def mfu(config: Config, workdir: Path) -> dict[str, Any]:
 
 def numerics(config: Config, workdir: Path) -> dict[str, Any]:
     """Float32 logprobs and the five losses on the device vs on the CPU (same adapter)."""
-    from rl.losses import LOSSES
+    from trainers.losses import LOSSES
 
     model_dir = build_model(workdir / "numerics", TINY, "cpu", config.seed)
     cpu = _numerics_trainer(model_dir, "cpu", workdir)
@@ -352,7 +352,7 @@ def _numerics_trainer(model_dir: str, device: str, workdir: Path) -> Any:
     """A float32 trainer whose adapter took one optimizer step (so LoRA B is not zero)."""
     from rl.types import AdamParams, LoraConfig
     from trainers.config import TrainerConfig
-    from trainers.engine import LoraTrainer
+    from trainers.trainer import LoraTrainer
 
     trainer = LoraTrainer(
         model_dir,

@@ -1,7 +1,7 @@
-"""A new RL environment in one file: "reply with a word of exactly N letters", trained by rl.train.
+"""A new RL environment in one file: "reply with a word of exactly N letters", trained by rl.loop.train.
 
     python examples/custom_env.py                    # SmolLM2, a few steps
-    python -m rl.train env=examples.custom_env:build_datasets env_args= max_tokens=8
+    python -m rl.loop.train env=examples.custom_env:build_datasets env_args= max_tokens=8
 
 An env is a prompt, a reward function and a dataset of problems; `envs.problem` turns them into
 single-turn envs and group builders. The reward is dense (1 for the right length, less the
@@ -55,7 +55,7 @@ def make_problems(n: int, seed: int) -> list[Problem]:
 def build_datasets(
     renderer: ChatRenderer, batch_size: int, group_size: int, seed: int = 0, num_test: int = 24
 ) -> tuple[ProblemDataset, ProblemDataset]:
-    """(train, test) in the shape rl.train expects from `env=module:function`."""
+    """(train, test) in the shape rl.loop.train expects from `env=module:function`."""
     train = ProblemDataset(
         make_problems(200 * batch_size, seed), TASK, renderer, batch_size, group_size, seed
     )
@@ -66,7 +66,7 @@ def build_datasets(
 
 
 def main(argv: list[str], service: Any = None) -> Any:
-    from rl.train import main as train
+    from rl.loop.train import main as train
 
     # `env=examples.custom_env:...` is imported by name; make the repo root importable.
     root = str(Path(__file__).resolve().parents[1])

@@ -24,14 +24,14 @@ from rl.types import (
     TensorData,
 )
 
-# The clients import the trainer package, which imports rl.types and rl.losses: load them on
-# first use so that `import trainers` inside an actor does not import the client side, and
-# the trainer engine imports without Ray (bench/gpu_check.py runs it where Ray is not).
+# The clients (rl.client) start Ray actors: they load on first use, so that the actors, which
+# import this ground floor, never import the client side, and the trainer imports without Ray
+# (bench/gpu_check.py runs it where Ray is not).
 _LAZY = {
     "APIFuture": "rl.futures",
-    "ServiceClient": "rl.service_client",
-    "TrainingClient": "rl.training_client",
-    "SamplingClient": "rl.sampling_client",
+    "ServiceClient": "rl.client.service",
+    "TrainingClient": "rl.client.training",
+    "SamplingClient": "rl.client.sampling",
 }
 
 

@@ -3,7 +3,7 @@
 The loops' own output is a handful of numbers per step (`step_line`); everything else a run
 produces stays out of the console:
 
-- every metric goes to `metrics.jsonl` and W&B (rl.metrics_log);
+- every metric goes to `metrics.jsonl` and W&B (rl.loop.metrics_log);
 - the driver's library loggers (Ray, vLLM, transformers, wandb, Python warnings) go to
   `<run_dir>/logs/driver.log` (`route_logs`);
 - the actors' output (vLLM's engine config dumps, its per-sync "Failed to load weights"

@@ -51,7 +51,7 @@ class TrainerRestartedError(EngineRoomError, RuntimeError):
         super().__init__(
             f"the trainer of training client {model_id!r} died{why} and was restarted; the client "
             f"was restored to its last save (step {step}), and {len(lost)} call(s) since then "
-            f"were lost: {', '.join(lost)}. Redo them from that state (rl.train and rl.sft "
+            f"were lost: {', '.join(lost)}. Redo them from that state (rl.loop.train and rl.loop.sft "
             "resume from their last checkpoint)."
         )
 

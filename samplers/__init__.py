@@ -8,7 +8,7 @@
     pool.py        spreading requests over actors, retries after deaths, weight pushes
     sync.py        the sampler-vs-trainer probe check after each weight sync
 
-The client side is `rl/sampling_client.py`.
+The client side is `rl/client/sampling.py`.
 """
 
 from samplers.config import SamplerConfig

@@ -128,7 +128,7 @@ class SamplerActor:
             adapter_config, tensors = source
             path = str(self._dir / f"v{weights.version}")
             # Imported here: `trainers` pulls in peft, which only adapter pushes need.
-            from trainers.checkpoints import write_peft_files
+            from rl.checkpoint_format import write_peft_files
 
             await asyncio.to_thread(write_peft_files, Path(path), adapter_config, tensors)
             owned = True

@@ -144,7 +144,7 @@ class SamplerConfig:
 
     schedule_timeout_s: float = 60.0
     """How long to wait for Ray to find an actor's resources before raising
-    `ResourcesUnavailableError` (rl.resources), instead of waiting forever."""
+    `ResourcesUnavailableError` (rl.placement), instead of waiting forever."""
 
     def resolved_gpus(self, cluster_gpus: float) -> float:
         """Ray GPUs per actor in a cluster with `cluster_gpus` GPUs."""

@@ -7,19 +7,11 @@ thread so its event loop keeps serving requests meanwhile.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Protocol, TypeAlias
-
-import torch
+from typing import Protocol
 
 from rl.types import SampleResponse
 from samplers.config import SamplerConfig, resolve_engine
-from samplers.types import EngineInfo, SampleRequest
-
-# Full weights (HF names), or a function that makes them, which the engine calls on its own
-# thread once the running requests have finished: a merge there runs ~20% faster on CPU (the
-# engine's OpenMP threads are bound and warm; a second thread's team competes with them).
-FullWeights: TypeAlias = Mapping[str, torch.Tensor] | Callable[[], Mapping[str, torch.Tensor]]
+from samplers.types import EngineInfo, FullWeights, SampleRequest
 
 
 class Engine(Protocol):

@@ -21,7 +21,7 @@ import queue
 import random
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -29,10 +29,7 @@ from torch import nn
 from rl.errors import InvalidRequestError
 from rl.types import SampledSequence, SampleResponse
 from samplers.config import SamplerConfig
-from samplers.types import EngineInfo, SampleRequest
-
-if TYPE_CHECKING:
-    from samplers.engine import FullWeights
+from samplers.types import EngineInfo, FullWeights, SampleRequest
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

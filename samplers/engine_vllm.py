@@ -40,17 +40,14 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from rl.errors import InvalidRequestError
 from rl.types import SampledSequence, SampleResponse
 from samplers.config import SamplerConfig
-from samplers.types import EngineFailedError, EngineInfo, SampleRequest
-
-if TYPE_CHECKING:
-    from samplers.engine import FullWeights
+from samplers.types import EngineFailedError, EngineInfo, FullWeights, SampleRequest
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from rl.errors import NotFoundError
 from rl.futures import unwrap_ray_error
-from rl.resources import Reservation, reserve
+from rl.placement import Reservation, reserve
 from rl.types import SampleResponse
 from samplers.config import SamplerConfig
 from samplers.types import (

@@ -1,4 +1,4 @@
-"""bench/bench_vs_trl.py gives TRL exactly our loop's task: the prompts rl.train samples, in its
+"""bench/bench_vs_trl.py gives TRL exactly our loop's task: the prompts rl.loop.train samples, in its
 batch order, the same held-out problems and the same reward (TRL itself is not needed here)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 
 from envs.chat import ChatRenderer
 from rl.cli import parse_config
+from rl.loop.train import Config, batch_builders, build_datasets
 from rl.models import resolve_model
-from rl.train import Config, batch_builders, build_datasets
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_vs_trl.py"
 

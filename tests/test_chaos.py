@@ -1,4 +1,4 @@
-"""Chaos: rl.train on a tiny model while a seeded schedule kills a sampler actor and the
+"""Chaos: rl.loop.train on a tiny model while a seeded schedule kills a sampler actor and the
 trainer actor. The run must finish its steps in the process, with the data order of an
 uninterrupted run, each step once in metrics.jsonl, and a final checkpoint that loads."""
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from rl.checkpointing import last_checkpoint
 from rl.cli import parse_config
-from rl.metrics_log import read_metrics
-from rl.train import Config, batch_builders, build_datasets, builder_id, main
+from rl.loop.metrics_log import read_metrics
+from rl.loop.run_dir import last_checkpoint
+from rl.loop.train import Config, batch_builders, build_datasets, builder_id, main
 from samplers.config import SamplerConfig
 from trainers import TrainerConfig
 
@@ -127,8 +127,8 @@ def test_rl_sft_survives_a_trainer_death(ray_local, tiny_model, tmp_path):
     from test_sft import write_chat_data
 
     from rl import ServiceClient
-    from rl.sft import SFTConfig
-    from rl.sft import main as sft_main
+    from rl.loop.sft import SFTConfig
+    from rl.loop.sft import main as sft_main
 
     data = write_chat_data(tmp_path / "train.jsonl", 48, 0)
     service = ServiceClient(

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from envs.chat import ChatRenderer, ChatTemplateError, Message
-from rl.data import supervised_datum
+from rl.loop.datums import supervised_datum
 from rl.models import resolve_model
 
 DATA = Path(__file__).parent.parent / "examples" / "data"

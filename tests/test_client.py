@@ -101,7 +101,7 @@ def test_calls_run_in_submission_order(service, tiny_model):
 @pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "ppo"])
 def test_custom_loss_matches_builtin_gradients(service, tiny_model, loss_fn):
     """A client-side re-implementation of a built-in loss gives the same update and loss."""
-    from rl.losses import LOSSES, resolve_config
+    from trainers.losses import LOSSES, resolve_config
 
     builtin = service.create_lora_training_client(tiny_model, rank=4, seed=7)
     custom = service.create_lora_training_client(tiny_model, rank=4, seed=7)

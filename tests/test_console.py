@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from rl import console
-from rl.metrics_log import MetricsLogger
+from rl.loop.metrics_log import MetricsLogger
 
 
 def test_step_line_shows_the_watched_numbers_in_order():

@@ -8,7 +8,8 @@ import pickle
 import pytest
 
 from envs.base import EnvError, StepResult, Trajectory, TrajectoryGroup, Transition
-from rl.data import (
+from rl.errors import InvalidRequestError
+from rl.loop.datums import (
     check_observation_fits,
     compute_advantages,
     groups_to_datums,
@@ -17,7 +18,6 @@ from rl.data import (
     scale_advantages,
     trajectory_to_datums,
 )
-from rl.errors import InvalidRequestError
 
 
 def _turn(ob, ac, logprobs=None, reward=0.0, done=True, **kw) -> Transition:
@@ -177,7 +177,7 @@ def test_datums_fit_the_rl_losses():
     target logprobs equal to the sampler's, importance sampling gives -sum(weights * A)."""
     import torch
 
-    from rl.losses import LOSSES
+    from trainers.losses import LOSSES
     from trainers.validation import prepare_batch
 
     trajectory = Trajectory([_turn([1, 2], [3], [-0.3], done=False), _turn([1, 2, 3, 4], [5, 6])])
@@ -199,7 +199,7 @@ def test_scaled_advantages_give_the_token_mean_of_the_linear_losses():
     its mean over N tokens, leaves the input datums unchanged, and refuses a bad factor."""
     import torch
 
-    from rl.losses import LOSSES
+    from trainers.losses import LOSSES
     from trainers.validation import prepare_batch
 
     trajectory = Trajectory([_turn([1, 2], [3], [-0.3], done=False), _turn([1, 2, 3, 4], [5, 6])])

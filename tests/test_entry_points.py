@@ -42,13 +42,14 @@ def test_script_reads_sys_argv(name, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
-    ("module", "script"), [("rl.train", "engineroom-train"), ("rl.plot", "engineroom-plot")]
+    ("module", "script"),
+    [("rl.loop.train", "engineroom-train"), ("rl.loop.plot", "engineroom-plot")],
 )
 def test_script_matches_python_dash_m(module, script, tmp_path):
     """A bad argument: the same one-line error and exit code both ways (no Ray is started)."""
     module_name, _, attr = SCRIPTS[script].partition(":")
     code = f"import sys; from {module_name} import {attr}; sys.exit({attr}())"
-    args = ["nonsense=1"] if module == "rl.train" else [str(tmp_path / "no-run")]
+    args = ["nonsense=1"] if module == "rl.loop.train" else [str(tmp_path / "no-run")]
     as_module = subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT
     )

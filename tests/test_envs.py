@@ -27,7 +27,7 @@ from envs.base import EnvError, EnvGroupBuilder, Trajectory, TrajectoryGroup, Tr
 from envs.chat import ChatRenderer
 from envs.math_word_templates import DATA_PATH, generate
 from envs.problem import Problem, ProblemDataset, ProblemEnv, ProblemGroupBuilder, ProblemTask
-from rl.data import groups_to_datums
+from rl.loop.datums import groups_to_datums
 from rl.models import resolve_model
 
 

@@ -86,8 +86,8 @@ def test_engine_imports_without_ray():
         [
             sys.executable,
             "-c",
-            "import sys; sys.modules['ray'] = None; import trainers.engine, "
-            "samplers.engine_torch, rl.losses",
+            "import sys; sys.modules['ray'] = None; import trainers.trainer, "
+            "samplers.engine_torch, trainers.losses",
         ],
         cwd=ROOT,
         capture_output=True,

@@ -10,8 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rl.types import AdamParams, Datum, LoraConfig, ModelInput
 from trainers.config import TrainerConfig
-from trainers.engine import LoraTrainer
 from trainers.logprobs import target_logprobs
+from trainers.trainer import LoraTrainer
 
 VOCAB = 300
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rl.errors import InvalidRequestError
-from rl.losses import LOSSES, resolve_config
+from trainers.losses import LOSSES, resolve_config
 
 
 def run(name, p, config=None, **inputs):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rl.metrics_log import read_metrics
-from rl.train import main
+from rl.loop.metrics_log import read_metrics
+from rl.loop.train import main
 from samplers.config import SamplerConfig
 from trainers import TrainerConfig
 

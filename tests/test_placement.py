@@ -10,8 +10,7 @@ import ray
 
 from rl.cli import parse_config
 from rl.errors import InvalidRequestError
-from rl.placement import parse_resources
-from rl.resources import ResourcesUnavailableError, reserve
+from rl.placement import ResourcesUnavailableError, parse_resources, reserve
 from samplers.config import SamplerConfig
 from trainers.config import TrainerConfig
 
@@ -87,8 +86,8 @@ def test_gpu_defaults_follow_the_cluster():
 
 
 def test_rl_train_and_sft_keys_reach_the_actor_configs(tmp_path):
-    from rl.sft import SFTConfig
-    from rl.train import Config
+    from rl.loop.sft import SFTConfig
+    from rl.loop.train import Config
 
     config = parse_config(
         Config,
@@ -168,7 +167,7 @@ def test_a_custom_resource_the_cluster_lacks_is_a_clear_error(ray_local):
 
 
 def test_custom_resources_go_into_the_actor_options(ray_local):
-    from rl.resources import Reservation
+    from rl.placement import Reservation
 
     pinned = Reservation("a pinned actor", 1.0, 0.5, None, {"sampler_node": 0.5})
     assert pinned.actor_options() == {
@@ -202,7 +201,7 @@ def test_sleep_mode_on_cpu_is_a_clear_error(vllm_tiny_model):
 
 
 def test_sleeping_is_a_no_op_for_engines_without_it(ray_local, tiny_model):
-    """The pool's sleep (called by rl.train between rollouts) with the torch engine."""
+    """The pool's sleep (called by rl.loop.train between rollouts) with the torch engine."""
     from samplers.pool import SamplerPool, submit
 
     pool = SamplerPool(
@@ -218,7 +217,7 @@ def test_sleeping_is_a_no_op_for_engines_without_it(ray_local, tiny_model):
 
 
 def test_ranks_share_one_placement_group_placed_by_its_strategy(ray_local):
-    from rl.resources import reserve_bundles
+    from rl.placement import reserve_bundles
 
     ranks = reserve_bundles("a 2-rank trainer", 2, 0.05, 0.0, 10.0, None, "STRICT_PACK")
     group = ranks[0].group

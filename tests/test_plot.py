@@ -1,5 +1,5 @@
-"""rl.plot on hand-written metrics.jsonl files (an RL run, an SFT run, two runs overlaid), and
-a tiny rl.train run that leaves its curves.png."""
+"""rl.loop.plot on hand-written metrics.jsonl files (an RL run, an SFT run, two runs overlaid), and
+a tiny rl.loop.train run that leaves its curves.png."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from rl import plot
-from rl.metrics_log import read_metrics
+from rl.loop import plot
+from rl.loop.metrics_log import read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_rl_run(run_dir: Path, steps: int = 6, slow: float = 1.0) -> None:
-    """An rl.train-shaped metrics.jsonl: baseline in step 0's record, evals after steps 3, 6."""
+    """An rl.loop.train-shaped metrics.jsonl: baseline in step 0's record, evals after steps 3, 6."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "metrics.jsonl", "w") as f:
         for step in range(steps):
@@ -40,7 +40,7 @@ def write_rl_run(run_dir: Path, steps: int = 6, slow: float = 1.0) -> None:
 
 
 def write_sft_run(run_dir: Path) -> None:
-    """An rl.sft-shaped metrics.jsonl: eval before steps 0 and 2, the final eval at step 4."""
+    """An rl.loop.sft-shaped metrics.jsonl: eval before steps 0 and 2, the final eval at step 4."""
     run_dir.mkdir(parents=True, exist_ok=True)
     records = [
         {"step": s, "train/loss": 2.0 - 0.3 * s, "optim/lr": 1e-4, "time/step_s": 1.5}
@@ -113,7 +113,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_tiny_rl_train_run_writes_curves_and_keeps_logs_in_files(
     torch_service, tiny_model, tmp_path, capsys
 ):
-    from rl.train import main
+    from rl.loop.train import main
 
     args = {
         "base_model": tiny_model,

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rl.metrics_log import read_metrics
+from rl.loop.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -135,7 +135,7 @@ def test_sft_runs_as_a_ray_job(ray_head, tiny_model, tmp_path):
     log_dir = tmp_path / "run"  # absolute: the job's working dir is a temporary copy
     submit = [
         RAY, "job", "submit", "--address", address, "--working-dir", str(work), "--",
-        "python", "-m", "rl.sft", f"base_model={tiny_model}", "data=train.jsonl",
+        "python", "-m", "rl.loop.sft", f"base_model={tiny_model}", "data=train.jsonl",
         f"log_dir={log_dir}", "max_steps=2", "batch_size=2", "rank=4", "max_length=48",
         "save_every=0", "eval_every=0", "dtype=float32", "num_threads=1",
     ]  # fmt: skip

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 from ray.util.placement_group import placement_group_table
 
-from rl.resources import ResourcesUnavailableError
+from rl.placement import ResourcesUnavailableError
 from samplers.config import SamplerConfig
 from trainers import TrainerConfig
 

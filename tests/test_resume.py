@@ -1,4 +1,4 @@
-"""Checkpoint records and resuming (rl.checkpointing, rl.sft): a run killed with `kill -9`
+"""Checkpoint records and resuming (rl.loop.run_dir, rl.loop.sft): a run killed with `kill -9`
 continues from its last checkpoint, with the same data order and losses as a run that was
 never interrupted, and no checkpoint or record is corrupted on the way."""
 
@@ -17,7 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rl.checkpointing import (
+from rl.checkpoint_format import read_checkpoint
+from rl.errors import CheckpointError
+from rl.loop.metrics_log import read_metrics
+from rl.loop.run_dir import (
     CheckpointRecord,
     append_checkpoint,
     last_checkpoint,
@@ -26,10 +29,7 @@ from rl.checkpointing import (
     rng_state_to_json,
     start_run,
 )
-from rl.errors import CheckpointError
-from rl.metrics_log import read_metrics
-from rl.sft import SFTConfig, main
-from trainers.checkpoints import read_checkpoint
+from rl.loop.sft import SFTConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,7 @@ def test_resume_refuses_a_changed_config(service, tiny_model, chat_file, tmp_pat
 
 
 def command(args: dict) -> list[str]:
-    return [sys.executable, "-m", "rl.sft", *(f"{k}={v}" for k, v in args.items())]
+    return [sys.executable, "-m", "rl.loop.sft", *(f"{k}={v}" for k, v in args.items())]
 
 
 def stop_tree(proc: subprocess.Popen, descendants: list[psutil.Process]) -> None:

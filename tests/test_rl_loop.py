@@ -1,4 +1,4 @@
-"""The RL loop (rl.train) with tiny random models: one sync step, async off-policy steps, the
+"""The RL loop (rl.loop.train) with tiny random models: one sync step, async off-policy steps, the
 custom-env example, config errors, kill -9 and resume; one run through the real vLLM engine."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 
 from rl.cli import parse_config
 from rl.errors import InvalidRequestError
-from rl.metrics_log import read_metrics
-from rl.train import Config, batch_builders, build_datasets, builder_id, main
+from rl.loop.metrics_log import read_metrics
+from rl.loop.train import Config, batch_builders, build_datasets, builder_id, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM_ENV = "examples.custom_env:build_datasets"
@@ -145,7 +145,7 @@ def test_unloadable_env_and_bad_env_args(torch_service, tiny_model, tmp_path):
 
 def test_cli_reports_config_errors_without_a_traceback():
     result = subprocess.run(
-        [sys.executable, "-m", "rl.train", "num_steps=often"],
+        [sys.executable, "-m", "rl.loop.train", "num_steps=often"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -159,7 +159,7 @@ def test_cli_reports_config_errors_without_a_traceback():
 def _run_train(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     return subprocess.Popen(
-        [sys.executable, "-m", "rl.train", *args],
+        [sys.executable, "-m", "rl.loop.train", *args],
         cwd=ROOT,
         env=env,
         stdout=log.open("w"),
@@ -179,14 +179,14 @@ def _run_script(script: str, timeout: float) -> None:
 
 
 def test_rays_processes_outlive_the_setup_threads(tiny_model, tmp_path):
-    """rl.train starts Ray while the datasets load in a thread: Ray's own processes (GCS,
+    """rl.loop.train starts Ray while the datasets load in a thread: Ray's own processes (GCS,
     raylet) die with the thread that started them, so the main thread must start Ray."""
     args = [a for a in tiny_args(tiny_model, tmp_path) if not a.startswith("sync_mode")]
     script = f"""
 import sys, time
 from ray._private import worker
 from rl.cli import parse_config
-from rl.train import Config, RLTrainer
+from rl.loop.train import Config, RLTrainer
 trainer = RLTrainer(parse_config(Config, {args!r}))
 trainer._setup()
 time.sleep(1)
@@ -199,18 +199,18 @@ sys.exit(3 if dead else 0)
 
 
 def test_the_driver_reaches_ray_without_the_trainers_imports():
-    """What rl.train does before it starts Ray (import, parse and check the config, make the
+    """What rl.loop.train does before it starts Ray (import, parse and check the config, make the
     clients' classes) imports neither peft nor transformers (2.4 s on this machine), which
     were on the path to the first sample; the trainer's start imports them."""
     script = """
 import sys
 from rl.cli import parse_config
-from rl.train import Config
-import rl.service_client, trainers
+from rl.loop.train import Config
+import rl.client.service, trainers
 parse_config(Config, [])
-heavy = [m for m in ("peft", "transformers", "vllm", "trainers.engine") if m in sys.modules]
+heavy = [m for m in ("peft", "transformers", "vllm", "trainers.trainer") if m in sys.modules]
 print("imported:", heavy)
-assert trainers.LoraTrainer.__module__ == "trainers.engine"  # still there on first use
+assert trainers.LoraTrainer.__module__ == "trainers.trainer"  # still there on first use
 sys.exit(3 if heavy else 0)
 """
     _run_script(script, timeout=120)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from envs.base import EnvGroupBuilder, StepResult
-from rl.rollouts import RolloutConfig, RolloutError, run_batch
+from rl.loop.rollouts import RolloutConfig, RolloutError, run_batch
 
 STOP = [2]
 

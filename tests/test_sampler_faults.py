@@ -36,7 +36,7 @@ def _service(tmp_path, **sampler_kwargs):
 
 def test_vllm_pre_check_names_the_head_size(tiny_model, vllm_tiny_model):
     pytest.importorskip("vllm")
-    from samplers.servable import vllm_unsupported_reason
+    from samplers.engine_choice import vllm_unsupported_reason
 
     reason = vllm_unsupported_reason(tiny_model, "float32", on_gpu=False)
     assert reason is not None and "head size 16" in reason
@@ -47,7 +47,7 @@ def test_vllm_pre_check_answers_from_its_facts_file(tiny_model, tmp_path, monkey
     """vLLM's answers are asked once per installed build and then read from a file: a
     second process does not import vLLM's model registry for them (~5-9 s)."""
     pytest.importorskip("vllm")
-    from samplers import servable
+    from samplers import engine_choice as servable
 
     monkeypatch.setenv("ENGINEROOM_HOME", str(tmp_path))
     caches = (servable._facts_path, servable._supported_architectures)
@@ -88,7 +88,7 @@ def test_engine_auto_falls_back_to_torch_with_one_warning(ray_local, tiny_model,
     pytest.importorskip("vllm")
     service = _service(tmp_path, engine="auto")
     try:
-        with caplog.at_level(logging.WARNING, logger="samplers.servable"):
+        with caplog.at_level(logging.WARNING, logger="samplers.engine_choice"):
             client = service.create_sampling_client(base_model=tiny_model)
             training = service.create_lora_training_client(tiny_model, rank=4, seed=0)
             synced = training.save_weights_and_get_sampling_client()  # a second pool

@@ -12,8 +12,7 @@ import time
 import pytest
 import ray
 
-from rl.errors import CheckpointError, InvalidRequestError, NotFoundError, WeightSyncError
-from rl.sampling_client import (
+from rl.client.sampling import (
     SamplingClient,
     begin_sync,
     finish_sync,
@@ -21,6 +20,7 @@ from rl.sampling_client import (
     push_and_verify,
     shared_pool,
 )
+from rl.errors import CheckpointError, InvalidRequestError, NotFoundError, WeightSyncError
 from rl.types import AdamParams, Datum, ModelInput, SamplingParams
 from samplers.config import SamplerConfig
 

@@ -1,4 +1,4 @@
-"""The SFT loop (rl.sft) and its metrics logger (rl.metrics_log), on a tiny random model.
+"""The SFT loop (rl.loop.sft) and its metrics logger (rl.loop.metrics_log), on a tiny random model.
 
 Covers: the loss falls, learning-rate schedules by value, eval loss, metrics.jsonl, and the
 W&B offline run (read back from its `.wandb` file), plus config and data errors.
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from rl.checkpointing import load_checkpoints, read_run_config
+from rl.checkpoint_format import read_checkpoint
 from rl.cli import parse_config
 from rl.errors import InvalidRequestError
-from rl.metrics_log import MetricsLogger, read_metrics, timed
-from rl.sft import DataOrder, SFTConfig, lr_multiplier, main, mean_per_token, read_chat_jsonl
+from rl.loop.metrics_log import MetricsLogger, read_metrics, timed
+from rl.loop.run_dir import load_checkpoints, read_run_config
+from rl.loop.sft import DataOrder, SFTConfig, lr_multiplier, main, mean_per_token, read_chat_jsonl
 from rl.types import Datum, ModelInput, TensorData
-from trainers.checkpoints import read_checkpoint
 
 
 def write_chat_data(path: Path, n: int, seed: int) -> str:

@@ -1,6 +1,6 @@
 """The loop's policy step is TRL's `loss_type="dapo"` step, computed independently.
 
-rl.train's preset scales the advantages by 1 / (tokens sampled in the batch) and runs the ppo
+rl.loop.train's preset scales the advantages by 1 / (tokens sampled in the batch) and runs the ppo
 loss with the sampler's logprobs as the old ones; TRL's GRPOTrainer (`loss_type="dapo"`,
 `num_iterations=1`, `beta=0`) sums -exp(logp - sg(logp)) * A over every completion token and
 divides by their count. On a fresh batch the two are the same objective; this checks that our
@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from envs.base import Trajectory, TrajectoryGroup, Transition
-from rl.data import groups_to_datums, scale_advantages
+from rl.loop.datums import groups_to_datums, scale_advantages
 from rl.types import AdamParams, Datum, LoraConfig
 from trainers import TrainerConfig
-from trainers.engine import LoraTrainer
+from trainers.trainer import LoraTrainer
 
 LR, BETA2, EPS, CLIP = 1e-3, 0.95, 1e-8, 1.0
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -53,7 +53,7 @@ def _tokens(groups: list[Group]) -> int:
 
 
 def _datums(groups: list[Group], old: list[list[float]] | None = None) -> list[Datum]:
-    """The loop's datums: rl.data's advantages (reward - group mean) and datums, scaled to the
+    """The loop's datums: rl.loop.datums's advantages (reward - group mean) and datums, scaled to the
     preset's token mean; `old`: the sampler's logprobs of each completion, in order."""
     logprobs = iter(old or [[0.0] * len(c) for group in groups for _, c, _ in group])
     trajectory_groups = [

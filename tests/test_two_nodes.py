@@ -1,5 +1,5 @@
 """A two-node Ray cluster on this machine: the trainer pinned to one node, the samplers to the
-other by custom resources, and the RL loop (rl.train) running across them.
+other by custom resources, and the RL loop (rl.loop.train) running across them.
 
 Two `ray start` processes (a head and a second raylet joining it), each with one CPU and its
 own custom resource (`trainer_node`, `sampler_node`), every port chosen free here, the
@@ -37,7 +37,7 @@ DRIVER = textwrap.dedent(
     import json, sys
     import ray
     from rl.cli import parse_config
-    from rl.train import Config, main, make_service
+    from rl.loop.train import Config, main, make_service
 
     args = sys.argv[1:]
     service = make_service(parse_config(Config, args))
@@ -243,7 +243,7 @@ def test_rl_loop_with_trainer_and_samplers_on_two_nodes(two_nodes, tiny_model, t
     assert sampler_nodes and all("sampler_node" in nodes[n] for n in sampler_nodes)
     assert trainer_node not in sampler_nodes
     # Weights crossed nodes each step (merged syncs, the CPU default), and the sync check
-    # (samplers/sync.py: sampler vs trainer logprobs of a probe, after every sync) passed.
+    # (samplers/sync_check.py: sampler vs trainer logprobs of a probe, after every sync) passed.
     history = result["history"]
     assert [step["step"] for step in history] == [0, 1]
     for step in history:

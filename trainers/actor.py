@@ -6,9 +6,9 @@ Ray pins OMP_NUM_THREADS to the actor's CPU reservation, and OpenMP reads it whe
 before the actor runs: torch.set_num_threads alone then leaves the kernels ~10% slower (as for
 the samplers, samplers/pool.py). So the actor's environment sets it to the trainer's thread
 count (TrainerConfig.num_threads), and reserving 1 logical CPU does not starve it of cores.
-Its resources are reserved first, with a bounded wait (rl.resources): a trainer that cannot
+Its resources are reserved first, with a bounded wait (rl.placement): a trainer that cannot
 be placed raises instead of hanging. A sharded trainer (`TrainerConfig.world_size` N > 1) is N
-such actors, one reservation each, started and joined by trainers/group.py.
+such actors, one reservation each, started and joined by trainers/sharded.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from rl.resources import Reservation, reserve_bundles
+from rl.placement import Reservation, reserve_bundles
 from trainers.config import TrainerConfig
 
 
@@ -53,10 +53,10 @@ def start_trainer(
         for reservation in reservations
     ]
     if config.world_size > 1:
-        from trainers.group import start_ranks
+        from trainers.sharded import start_ranks
 
         return start_ranks(base_model, config, options)
     # Imported here: the driver needs the class only to start it (peft loads with it).
-    from trainers.engine import LoraTrainer
+    from trainers.trainer import LoraTrainer
 
     return [ray.remote(LoraTrainer).options(**options[0]).remote(base_model, config)]  # type: ignore[attr-defined]

@@ -40,11 +40,11 @@ class TrainerConfig:
     a node started with `ray start --resources '{"trainer_node": 1}'`."""
 
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """Strategy of the trainer's Ray placement group (rl.resources.reserve)."""
+    """Strategy of the trainer's Ray placement group (rl.placement.reserve)."""
 
     schedule_timeout_s: float = 60.0
     """How long to wait for Ray to find the trainer's resources before raising
-    `ResourcesUnavailableError` (rl.resources), instead of waiting forever."""
+    `ResourcesUnavailableError` (rl.placement), instead of waiting forever."""
 
     max_tokens_per_batch: int = 8192
     """Upper bound on padded tokens in one model call; longer batches are split into buckets."""

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from rl.errors import InvalidRequestError
-from rl.losses import LOSSES, resolve_config
 from rl.types import Datum
+from trainers.losses import LOSSES, resolve_config
 
 FLOAT_KEYS = ("weights", "advantages", "logprobs")
 
@@ -145,16 +145,3 @@ def _check_token_ids(field: str, array: np.ndarray, vocab_size: int) -> None:
             f"{field}: token id {int(flat[i])} at flat index {i} is outside the vocabulary "
             f"[0, {vocab_size})"
         )
-
-
-def check_checkpoint_name(name: str) -> str:
-    """A checkpoint name is one path component: no '/', no '..', nothing hidden or empty."""
-    if not isinstance(name, str) or not name or name.strip() != name:
-        raise InvalidRequestError(f"checkpoint name {name!r} must be a non-empty string")
-    if "/" in name or "\\" in name or ".." in name or name.startswith(".") or "\x00" in name:
-        raise InvalidRequestError(
-            f"checkpoint name {name!r} must not contain '/', '\\' or '..' or start with '.'"
-        )
-    if len(name) > 200:
-        raise InvalidRequestError(f"checkpoint name {name!r} is longer than 200 characters")
-    return name

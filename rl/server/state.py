@@ -22,7 +22,7 @@ from typing import Any
 
 from tinker import types as tt
 
-import rl.sampling_client as sampling
+import rl.client.sampling as sampling
 from rl.errors import InvalidRequestError, NotFoundError
 from rl.futures import chain
 from rl.models import resolve_model

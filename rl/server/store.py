@@ -26,15 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rl.checkpoint_format import check_checkpoint_name, run_directory
 from rl.errors import InvalidRequestError, NotFoundError
-from trainers.validation import check_checkpoint_name
 
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
-
-
-def run_directory(run_id: str) -> str:
-    """The checkpoint directory name of a run (the trainer names it the same way)."""
-    return run_id.replace(":", "_").replace("/", "_")
 
 
 @dataclass

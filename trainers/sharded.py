@@ -14,7 +14,7 @@ leaves the others waiting in a collective, so a rank other than 0 then ends its 
 others' collectives fail at once (its connections close) instead of at the timeout. Rank 0
 waits for the others and raises `TrainerRankError` (naming the rank) when one died, hung, or
 ended the call otherwise than rank 0 did: the group's state can no longer be trusted, and
-rl/trainer_host.py rebuilds the whole group from the clients' restore points, as for a
+rl/client/trainer_host.py rebuilds the whole group from the clients' restore points, as for a
 one-actor trainer's death.
 """
 
@@ -34,7 +34,7 @@ from rl.futures import ray_get
 from rl.types import LoraConfig
 from trainers.config import TrainerConfig
 from trainers.distributed import COLLECTIVE_TIMEOUT_S, GroupSpec
-from trainers.engine import LoraTrainer
+from trainers.trainer import LoraTrainer
 
 # How long rank 0, having failed unexpectedly itself, waits to hear whether another rank died.
 DEATH_NOTICE_S = 10.0

@@ -28,8 +28,8 @@ import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
+from rl.checkpoint_format import CheckpointMeta, checkpoint_path, read_checkpoint, write_checkpoint
 from rl.errors import CheckpointError, InvalidRequestError, NotFoundError
-from rl.losses import LOSSES
 from rl.models import model_fingerprint, resolve_model
 from rl.packed import PackedTensors
 from rl.types import (
@@ -47,11 +47,11 @@ from rl.types import (
 )
 from trainers import distributed, lora
 from trainers.batching import plan_buckets
-from trainers.checkpoints import CheckpointMeta, read_checkpoint, write_checkpoint
 from trainers.config import TrainerConfig
 from trainers.logprobs import target_logprobs
+from trainers.losses import LOSSES
 from trainers.packing import TrieRow, pack_bucket, plan_rows
-from trainers.validation import PreparedBatch, check_checkpoint_name, prepare_batch
+from trainers.validation import PreparedBatch, prepare_batch
 
 
 @dataclass
@@ -526,10 +526,9 @@ class LoraTrainer:
         return loss, metrics
 
     def _checkpoint_path(self, model_id: str, kind: str, name: str) -> Path:
-        check_checkpoint_name(name)
-        self._adapter(model_id)
-        run = model_id.replace(":", "_").replace("/", "_")
-        return self.config.resolved_checkpoint_dir() / run / kind / name
+        path = checkpoint_path(self.config.resolved_checkpoint_dir(), model_id, kind, name)
+        self._adapter(model_id)  # after the name's check, as before any other
+        return path
 
     def _meta(self, adapter: Adapter, *, has_optimizer: bool) -> CheckpointMeta:
         return CheckpointMeta(

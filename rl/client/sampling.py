@@ -35,36 +35,34 @@ A sampling client is a snapshot, as in Tinker: it samples the weights it was mad
 long as it lives. Adapter versions stay in the LoRA pool (`max_versions_per_model` per
 training client; an older one raises NotFoundError). A merged pool holds one set of weights,
 so a merged-mode client also keeps its adapter and, once a later sync replaced its merge,
-samples that on the LoRA pool (rl/snapshot.py).
+samples that on the LoRA pool (rl/client/snapshot.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 
+from rl.checkpoint_format import read_sampler_checkpoint
+from rl.client.snapshot import Snapshot
 from rl.errors import CheckpointError, InvalidRequestError
 from rl.futures import APIFuture, chain, unwrap_ray_error
 from rl.models import load_tokenizer, resolve_model
-from rl.snapshot import Snapshot
 from rl.types import Datum, ModelInput, SampleResponse, SamplingParams
 from samplers.config import SamplerConfig, resolve_sync_mode
+from samplers.engine_choice import engine_config_for
 from samplers.pool import SamplerPool, submit
-from samplers.servable import engine_config_for
-from samplers.sync import ProbeScores, check_sync, default_tolerance, probe_tokens
+from samplers.sync_check import ProbeScores, check_sync, default_tolerance, probe_tokens
 from samplers.types import BASE, WeightsVersion
 from samplers.validation import build_request
 
 if TYPE_CHECKING:
-    from rl.service_client import ServiceClient
-    from rl.training_client import TrainingClient
+    from rl.client.service import ServiceClient
+    from rl.client.training import TrainingClient
 
 # Tinker arguments we accept and do not need (retries are the pool's job here).
 _IGNORED_KWARGS = {"retry_config", "record_stability_info", "kind"}
@@ -196,7 +194,7 @@ class PendingSync:
     probe: tuple[list[int], Any] | None  # (probe tokens, ObjectRef of the trainer's forward)
     ticket: int
     began: float
-    snapshot_source: Any = None  # merged mode: ObjectRef of the adapter (rl/snapshot.py)
+    snapshot_source: Any = None  # merged mode: ObjectRef of the adapter (rl/client/snapshot.py)
 
 
 def begin_sync(
@@ -245,7 +243,7 @@ def _begin(training_client: TrainingClient, sync_mode: str | None) -> PendingSyn
     probe = _trainer_probe(training_client, pool) if config.verify_sync else None
     # A barrier behind the exports on the trainer: once it answers, the weights are in Ray's
     # object store and outlive the trainer; a trainer that died before raises here, inside
-    # the client's queue, which restarts it and runs this sync again (rl/trainer_host.py).
+    # the client's queue, which restarts it and runs this sync again (rl/client/trainer_host.py).
     ray.get(trainer.base_model_path.remote())
     ticket = training_client._sync_turns.take()
     return PendingSync(training_client, pool, mode, source, probe, ticket, began, snapshot_source)
@@ -408,36 +406,6 @@ def get_pool(service: ServiceClient, model_dir: str, key: str, *, enable_lora: b
             pool.start()
             service._sampler_pools[key] = pool
         return pool
-
-
-def read_sampler_checkpoint(model_path: str) -> tuple[str, dict[str, Any], str]:
-    """(resolved directory, adapter_config, base model) of a saved sampler checkpoint."""
-    if not isinstance(model_path, str) or not model_path:
-        raise InvalidRequestError(f"model_path must be a non-empty string, got {model_path!r}")
-    if model_path.startswith("tinker://"):
-        raise InvalidRequestError(
-            f"model_path {model_path!r}: tinker:// paths are not served here; pass the local "
-            "path returned by save_weights_for_sampler"
-        )
-    root = Path(model_path).expanduser()
-    if not root.is_dir():
-        raise CheckpointError(f"model_path {model_path!r} is not a directory")
-    try:
-        adapter_config = json.loads((root / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"model_path {model_path!r} has no readable adapter_config.json: {e}"
-        ) from None
-    if not (root / "adapter_model.safetensors").is_file():
-        raise CheckpointError(f"model_path {model_path!r} has no adapter_model.safetensors")
-    base = adapter_config.get("base_model_name_or_path")
-    meta = root / "engineroom.json"
-    if meta.is_file():
-        with contextlib.suppress(ValueError):
-            base = json.loads(meta.read_text()).get("base_model", base)
-    if not isinstance(base, str) or not base:
-        raise CheckpointError(f"model_path {model_path!r} does not name its base model")
-    return str(root.resolve()), adapter_config, base
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
-"""Checkpoint layout on disk, written atomically.
+"""The checkpoint format: one home for its layout, its names, its writing and its reading.
 
     <root>/<run>/weights/<name>/          save_state: adapter + optimizer
     <root>/<run>/sampler_weights/<name>/  save_weights_for_sampler: adapter only
+
+`<run>` is the model id with ':' and '/' replaced (`run_directory`); `<name>` is one path
+component (`check_checkpoint_name`). The trainer writes, the samplers load sampler checkpoints
+as standard PEFT adapters, and the server's run records point at the same directories.
 
 Each holds `adapter_config.json` + `adapter_model.safetensors` (standard PEFT) and
 `engineroom.json` (base model, its fingerprint, LoRA config, step); `weights/` also holds
@@ -11,6 +15,7 @@ process killed mid-save never leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rl.errors import CheckpointError
+from rl.errors import CheckpointError, InvalidRequestError
 from rl.types import LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -31,6 +36,29 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER = "optimizer.pt"
 METADATA = "engineroom.json"
 FORMAT_VERSION = 1
+
+
+def run_directory(model_id: str) -> str:
+    """The directory name of a training run's checkpoints under the checkpoint root."""
+    return model_id.replace(":", "_").replace("/", "_")
+
+
+def check_checkpoint_name(name: str) -> str:
+    """A checkpoint name is one path component: no '/', no '..', nothing hidden or empty."""
+    if not isinstance(name, str) or not name or name.strip() != name:
+        raise InvalidRequestError(f"checkpoint name {name!r} must be a non-empty string")
+    if "/" in name or "\\" in name or ".." in name or name.startswith(".") or "\x00" in name:
+        raise InvalidRequestError(
+            f"checkpoint name {name!r} must not contain '/', '\\' or '..' or start with '.'"
+        )
+    if len(name) > 200:
+        raise InvalidRequestError(f"checkpoint name {name!r} is longer than 200 characters")
+    return name
+
+
+def checkpoint_path(root: Path, model_id: str, kind: str, name: str) -> Path:
+    """Where checkpoint `name` of kind `kind` ("weights" / "sampler_weights") of a run lives."""
+    return root / run_directory(model_id) / kind / check_checkpoint_name(name)
 
 
 @dataclass
@@ -132,3 +160,33 @@ def read_checkpoint(path: str | os.PathLike[str], *, with_optimizer: bool) -> Lo
             )
         optimizer = torch.load(root / OPTIMIZER, map_location="cpu", weights_only=True)
     return LoadedCheckpoint(meta, adapter_config, weights, optimizer)
+
+
+def read_sampler_checkpoint(model_path: str) -> tuple[str, dict[str, Any], str]:
+    """(resolved directory, adapter_config, base model) of a saved sampler checkpoint."""
+    if not isinstance(model_path, str) or not model_path:
+        raise InvalidRequestError(f"model_path must be a non-empty string, got {model_path!r}")
+    if model_path.startswith("tinker://"):
+        raise InvalidRequestError(
+            f"model_path {model_path!r}: tinker:// paths are not served here; pass the local "
+            "path returned by save_weights_for_sampler"
+        )
+    root = Path(model_path).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"model_path {model_path!r} is not a directory")
+    try:
+        adapter_config = json.loads((root / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"model_path {model_path!r} has no readable adapter_config.json: {e}"
+        ) from None
+    if not (root / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"model_path {model_path!r} has no adapter_model.safetensors")
+    base = adapter_config.get("base_model_name_or_path")
+    meta = root / METADATA
+    if meta.is_file():
+        with contextlib.suppress(ValueError):
+            base = json.loads(meta.read_text()).get("base_model", base)
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"model_path {model_path!r} does not name its base model")
+    return str(root.resolve()), adapter_config, base

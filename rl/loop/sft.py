@@ -1,11 +1,11 @@
-"""Supervised fine-tuning (SFT) of a LoRA adapter on chat data: `python -m rl.sft key=value ...`.
+"""Supervised fine-tuning (SFT) of a LoRA adapter on chat data: `python -m rl.loop.sft key=value ...`.
 
 Data: chat JSONL, one `{"messages": [{"role": ..., "content": ...}, ...]}` per line, rendered
 with the base model's chat template (envs.chat.ChatRenderer). Only assistant turns carry weight
 (`train_on`); conversations are cut to `max_length` tokens, and one left with no trained token
 is skipped.
 
-Loss: `cross_entropy` sums -w * logprob over tokens (rl.losses). Each batch's weights are
+Loss: `cross_entropy` sums -w * logprob over tokens (trainers.losses). Each batch's weights are
 divided by the number of trained tokens in the batch, so the loss and its gradient are the
 mean NLL per trained token of the batch (`train/loss`), whatever the batch size and answer
 lengths. (tinker-cookbook instead normalises per conversation, which weighs every conversation
@@ -46,15 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rl.checkpointing import (
-    CheckpointRecord,
-    append_checkpoint,
-    checkpoint_root,
-    last_checkpoint,
-    rng_from_json,
-    rng_state_to_json,
-    start_run,
-)
 from rl.cli import doc, parse_config
 from rl.console import echo, link_ray_logs, route_logs, warn
 from rl.errors import (
@@ -64,9 +55,18 @@ from rl.errors import (
     TrainerRestartedError,
 )
 from rl.futures import APIFuture
-from rl.metrics_log import MetricsLogger
+from rl.loop.metrics_log import MetricsLogger
+from rl.loop.plot import write_run_curves
+from rl.loop.run_dir import (
+    CheckpointRecord,
+    append_checkpoint,
+    checkpoint_root,
+    last_checkpoint,
+    rng_from_json,
+    rng_state_to_json,
+    start_run,
+)
 from rl.placement import parse_resources
-from rl.plot import write_run_curves
 from rl.types import AdamParams, Datum, ForwardBackwardOutput, ModelInput, TensorData
 
 LrSchedule = Literal["constant", "linear", "cosine"]
@@ -478,7 +478,7 @@ def _read_file(config: SFTConfig, key: str) -> list[list[dict[str, Any]]]:
 
 def _make_service(config: SFTConfig, run_dir: Path) -> Any:
     """A ServiceClient (Ray from RAY_ADDRESS, else embedded) whose trainer saves in run_dir."""
-    from rl.service_client import ServiceClient
+    from rl.client.service import ServiceClient
 
     trainer_config = config.trainer_config(str(checkpoint_root(run_dir).resolve()))
     # The trainer actor's output stays in Ray's log files (<run_dir>/logs/ray) unless verbose.
@@ -619,12 +619,12 @@ def _eval_metrics(futures: list[APIFuture[ForwardBackwardOutput]]) -> dict[str, 
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """`python -m rl.sft key=value ...` / `engineroom-sft`; a bad setting prints one line and
+    """`python -m rl.loop.sft key=value ...` / `engineroom-sft`; a bad setting prints one line and
     exits with 2."""
     try:
         main(parse_config(SFTConfig, list(sys.argv[1:] if argv is None else argv)))
     except EngineRoomError as e:
-        print(f"rl.sft: error: {e}", file=sys.stderr)
+        print(f"rl.loop.sft: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -4,7 +4,7 @@ Ray: an explicit `address`, else `RAY_ADDRESS`, else an already-initialised Ray 
 process, else an embedded local Ray started here (and shut down by `close()`).
 One trainer actor is started per base model and shared by every training client (adapter)
 created for that model through this ServiceClient; if it dies, it is restarted and its
-clients restored to their last saved state (rl/trainer_host.py).
+clients restored to their last saved state (rl/client/trainer_host.py).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 
 import ray
 
+from rl.checkpoint_format import read_checkpoint
+from rl.client.trainer_host import TrainerHost
+from rl.client.training import TrainingClient
 from rl.errors import InvalidRequestError
 from rl.futures import APIFuture, ray_get
-from rl.resources import Reservation
-from rl.trainer_host import TrainerHost
-from rl.training_client import TrainingClient
+from rl.placement import Reservation
 from rl.types import LoraConfig
-from trainers.checkpoints import read_checkpoint
 from trainers.config import TrainerConfig
 
 
@@ -98,12 +98,12 @@ class ServiceClient:
         """A new training client resuming exactly: weights, Adam moments and step count."""
         return self._from_state(path, base_model, with_optimizer=True, model_id=model_id)
 
-    # -- sampling clients (implemented in rl.sampling_client) ---------------------------------
+    # -- sampling clients (implemented in rl.client.sampling) ---------------------------------
 
     def create_sampling_client(
         self, model_path: str | None = None, base_model: str | None = None, **kwargs: Any
     ) -> Any:
-        from rl.sampling_client import create_sampling_client
+        from rl.client.sampling import create_sampling_client
 
         return create_sampling_client(self, model_path=model_path, base_model=base_model, **kwargs)
 

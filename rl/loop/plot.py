@@ -1,6 +1,6 @@
 """Curves of one or more runs, drawn from their `metrics.jsonl`:
 
-    python -m rl.plot RUN_DIR [RUN_DIR ...] [--out FILE.png]   # default: RUN_DIR/curves.png
+    python -m rl.loop.plot RUN_DIR [RUN_DIR ...] [--out FILE.png]   # default: RUN_DIR/curves.png
 
 The panels a person looks at, each drawn only when some run logged its keys: reward and
 accuracy / format rate per step with the held-out evals marked (the baseline at step 0),
@@ -9,8 +9,8 @@ phase. Several runs are overlaid, one colour each, with a legend.
 
 The x axis is the number of optimizer steps taken: a training step's metrics are drawn at the
 weights it sampled with (record `step`), an eval at the weights it measured (`eval/step` where
-the loop logs it, since rl.train logs an eval with the step that ended just before it).
-`rl.train` and `rl.sft` call `write_curves` at each eval and at the end of a run.
+the loop logs it, since rl.loop.train logs an eval with the step that ended just before it).
+`rl.loop.train` and `rl.loop.sft` call `write_curves` at each eval and at the end of a run.
 
 matplotlib is used through its object API (`Figure` + the Agg canvas), not pyplot, so drawing
 from a loop's worker thread touches no global state and needs no display.
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rl.metrics_log import read_metrics
+from rl.loop.metrics_log import read_metrics
 
 CURVES_FILE = "curves.png"
 # Seconds per step, split by phase (bottom to top); "other" is the rest of `time/step_s`.
@@ -77,7 +77,7 @@ def load_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunCur
                 continue  # lists (problem ids) and flags are not curves
             if key.startswith("eval/"):
                 run.evals.setdefault(key, Series()).add(eval_x, value)
-            elif key.startswith("baseline/"):  # rl.train's eval before the first step
+            elif key.startswith("baseline/"):  # rl.loop.train's eval before the first step
                 name_ = "eval/" + key.split("/", 1)[1]
                 run.evals.setdefault(name_, Series()).add(record.get("baseline/step", 0), value)
             else:
@@ -276,20 +276,22 @@ def write_run_curves(run_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m rl.plot` / `engineroom-plot`; prints the PNG's path."""
-    parser = argparse.ArgumentParser(prog="python -m rl.plot", description=__doc__.split("\n\n")[0])
+    """`python -m rl.loop.plot` / `engineroom-plot`; prints the PNG's path."""
+    parser = argparse.ArgumentParser(
+        prog="python -m rl.loop.plot", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     parser.add_argument("--out", help="PNG to write (default: the first RUN_DIR/curves.png)")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     missing = [d for d in args.run_dirs if not (Path(d) / "metrics.jsonl").is_file()]
     if missing:
-        print(f"rl.plot: error: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
+        print(f"rl.loop.plot: error: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
         return 2
     out = args.out or curves_path(args.run_dirs[0])
     try:
         path = write_curves(args.run_dirs, out)
     except ValueError as error:
-        print(f"rl.plot: error: {error}", file=sys.stderr)
+        print(f"rl.loop.plot: error: {error}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -8,7 +8,7 @@ Errors do not poison the client: a rejected call changes nothing, and the next c
 Trainer death: the client keeps a restore point (its last `save_state`, the checkpoint it was
 loaded from, or its initial adapter) and the calls that changed its state since. When the
 trainer actor dies, it is restarted and every client it hosted restored to its restore point
-(rl/trainer_host.py). A client that had changed nothing since goes on: the call that met the
+(rl/client/trainer_host.py). A client that had changed nothing since goes on: the call that met the
 dead actor simply runs again. Otherwise its next call, and every call submitted before that
 one raised, raises `TrainerRestartedError` (the step restored to, the calls lost); calls
 submitted after it run on the restored state.
@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rl.client.trainer_host import is_trainer_death
 from rl.errors import InvalidRequestError, TrainerRestartedError
 from rl.futures import APIFuture, OrderedQueue, Turns, ray_get
-from rl.trainer_host import is_trainer_death
 from rl.types import (
     AdamParams,
     Datum,
@@ -39,7 +39,7 @@ from rl.types import (
 )
 
 if TYPE_CHECKING:
-    from rl.service_client import ServiceClient
+    from rl.client.service import ServiceClient
 
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 # (kind, what, with_optimizer): ("create", LoraConfig, False) or ("state", checkpoint path, ...)
@@ -140,7 +140,7 @@ class TrainingClient:
 
     def save_weights_and_get_sampling_client(self, name: str | None = None, **kwargs: Any) -> Any:
         """Pushes the current weights to the samplers and returns a client that samples them."""
-        from rl.sampling_client import sampling_client_from_trainer
+        from rl.client.sampling import sampling_client_from_trainer
 
         return sampling_client_from_trainer(self, name=name, **kwargs)
 
@@ -257,7 +257,7 @@ class TrainingClient:
         kind, path, with_optimizer = self._restore_point
         step = 0
         if kind == "state" and with_optimizer:
-            from trainers.checkpoints import read_checkpoint
+            from rl.checkpoint_format import read_checkpoint
 
             step = read_checkpoint(path, with_optimizer=False).meta.step
         self._epoch += 1

@@ -1,13 +1,13 @@
 """The RL loop: sample groups, score them, train on group-relative advantages, sync weights.
 
-    python -m rl.train                                # the tuned preset (the `Config` defaults)
-    python -m rl.train env=math_word learning_rate=1e-4 max_steps_off_policy=1
-    python -m rl.train --help                         # every field, documented
+    python -m rl.loop.train                                # the tuned preset (the `Config` defaults)
+    python -m rl.loop.train env=math_word learning_rate=1e-4 max_steps_off_policy=1
+    python -m rl.loop.train --help                         # every field, documented
 
-Each step (as tinker-cookbook's `rl/train.py`):
+Each step (as tinker-cookbook's `rl/loop/train.py`):
 
-    sample    every group of the batch concurrently with the newest sampling client (rl.rollouts)
-    score     advantages = total reward - group mean (rl.data), optional KL penalty to the base
+    sample    every group of the batch concurrently with the newest sampling client (rl.loop.rollouts)
+    score     advantages = total reward - group mean (rl.loop.datums), optional KL penalty to the base
     train     `num_substeps` x (forward_backward(loss_fn) + optim_step), pipelined
     sync      save_weights_and_get_sampling_client: the sampler now serves the new weights
 
@@ -17,7 +17,7 @@ a producer samples up to k batches ahead while the trainer works, and the loss c
 gap through the sampler's logprobs that every datum carries (`importance_sampling`, `ppo` and
 `cispo` use the ratio to them). Unlike tinker-cookbook's async mode, no batch is older than k.
 In async mode the trainer also goes on with the next batch while the samplers load the new
-weights (`rl.sampling_client.begin_sync` / `finish_sync`); `time/sync_s` is then the time the
+weights (`rl.client.sampling.begin_sync` / `finish_sync`); `time/sync_s` is then the time the
 loop waited for syncs, and `time/sync_hidden_s` the previous sync's full duration.
 
 The defaults are a preset tuned for SmolLM2-135M-Instruct on a 2-core CPU with vLLM: arithmetic
@@ -54,7 +54,21 @@ from typing import Any, Literal
 
 from envs.base import EnvGroupBuilder, RLDataset, TrajectoryGroup
 from envs.chat import ChatRenderer
-from rl.checkpointing import (
+from rl.cli import doc, parse_config
+from rl.client.sampling import (
+    PendingSync,
+    begin_sync,
+    finish_sync,
+    prestart_sync_pool,
+    release_sampler_memory,
+)
+from rl.console import echo, link_ray_logs, progress_bar, route_logs, warn
+from rl.errors import InvalidRequestError, TrainerRestartedError
+from rl.loop.datums import groups_to_datums, rollout_metrics, scale_advantages
+from rl.loop.metrics_log import MetricsLogger
+from rl.loop.plot import write_run_curves
+from rl.loop.rollouts import RolloutBatch, RolloutConfig, run_batch
+from rl.loop.run_dir import (
     checkpoint_root,
     last_checkpoint,
     rng_from_json,
@@ -62,23 +76,9 @@ from rl.checkpointing import (
     save_checkpoint,
     start_run,
 )
-from rl.cli import doc, parse_config
-from rl.console import echo, link_ray_logs, progress_bar, route_logs, warn
-from rl.data import groups_to_datums, rollout_metrics, scale_advantages
-from rl.errors import InvalidRequestError, TrainerRestartedError
-from rl.losses import LOSSES, resolve_config
-from rl.metrics_log import MetricsLogger
 from rl.placement import parse_resources
-from rl.plot import write_run_curves
-from rl.rollouts import RolloutBatch, RolloutConfig, run_batch
-from rl.sampling_client import (
-    PendingSync,
-    begin_sync,
-    finish_sync,
-    prestart_sync_pool,
-    release_sampler_memory,
-)
 from rl.types import AdamParams, Datum, ForwardBackwardOutput, ModelInput, to_tensor_data
+from trainers.losses import LOSSES, resolve_config
 
 BUILTIN_ENVS = {
     "arithmetic": "envs.arithmetic:build_datasets",
@@ -142,7 +142,7 @@ class Config:
     adam_beta2: float = doc(0.95, "AdamW beta2")
     grad_clip_norm: float = doc(1.0, "clip the gradient to this norm (0 = off)")
     loss_fn: Literal["importance_sampling", "ppo", "cispo", "dro"] = doc(
-        "ppo", "policy loss (rl.losses); all correct the sampler/trainer gap via logprobs"
+        "ppo", "policy loss (trainers.losses); all correct the sampler/trainer gap via logprobs"
     )
     clip_low: float | None = doc(None, "ppo/cispo clip_low_threshold (None = the loss default)")
     clip_high: float | None = doc(None, "ppo/cispo clip_high_threshold (None = the loss default)")
@@ -928,7 +928,7 @@ def _split(items: list[Datum], n: int) -> list[list[Datum]]:
 def main(argv: Sequence[str] | None = None, service: Any = None) -> RLTrainer:
     config = parse_config(Config, list(sys.argv[1:] if argv is None else argv))
     echo(
-        f"rl.train: {config.num_steps} steps of {config.env} ({config.env_args}) on "
+        f"rl.loop.train: {config.num_steps} steps of {config.env} ({config.env_args}) on "
         f"{config.base_model}, run dir {config.log_dir} (settings: config.json, logs: logs/)"
     )
     trainer = RLTrainer(config, service)
@@ -937,11 +937,11 @@ def main(argv: Sequence[str] | None = None, service: Any = None) -> RLTrainer:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """`python -m rl.train` / `engineroom-train`: a bad setting prints one line, exit code 2."""
+    """`python -m rl.loop.train` / `engineroom-train`: a bad setting prints one line, exit code 2."""
     try:
         main(argv)
     except InvalidRequestError as error:
-        print(f"rl.train: error: {error}", file=sys.stderr)
+        print(f"rl.loop.train: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -24,7 +24,7 @@ from samplers.pool import SamplerPool
 from samplers.types import SampleRequest, WeightsSupersededError, WeightsVersion
 
 if TYPE_CHECKING:
-    from rl.service_client import ServiceClient
+    from rl.client.service import ServiceClient
 
 
 class Snapshot:
@@ -48,7 +48,7 @@ class Snapshot:
         return await lora_pool.sample(dataclasses.replace(request, weights=weights))
 
     async def _on_lora_pool(self, model_dir: str) -> tuple[SamplerPool, WeightsVersion]:
-        from rl.sampling_client import shared_pool
+        from rl.client.sampling import shared_pool
 
         if self._lock is None:
             self._lock = asyncio.Lock()

@@ -36,8 +36,8 @@ from envs.base import (
     TrajectoryGroup,
     Transition,
 )
-from rl.data import check_observation_fits
 from rl.errors import InvalidRequestError
+from rl.loop.datums import check_observation_fits
 from rl.types import ModelInput, SampledSequence, SamplingParams
 
 ErrorPolicy = Literal["fail", "retry", "drop"]

@@ -8,7 +8,7 @@ every hosted client to its restore point: its last `save_state` (adapter + optim
 the checkpoint it was loaded from, or its initial adapter (the seed is recorded, so that is
 the same adapter). Each client then decides for itself, from what it did since that point,
 whether its next call can simply continue or must raise `TrainerRestartedError`
-(rl/training_client.py).
+(rl/client/training.py).
 
 A sharded trainer (`TrainerConfig.world_size` > 1) is hosted the same way: clients call its
 rank 0, and the death of any rank (rank 0 raises `TrainerRankError` naming it) rebuilds the
@@ -27,12 +27,12 @@ import ray
 
 from rl.errors import TrainerRankError
 from rl.futures import ray_get
-from rl.resources import Reservation
+from rl.placement import Reservation
 from trainers.actor import reserve_trainer, start_trainer
 from trainers.config import TrainerConfig
 
 if TYPE_CHECKING:
-    from rl.training_client import TrainingClient
+    from rl.client.training import TrainingClient
 
 logger = logging.getLogger(__name__)
 
