@@ -37,22 +37,33 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.cli import doc, parse_config  # noqa: E402
+from rl.cli import parse_config  # noqa: E402
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    steps: int = doc(4, "RL steps per mode (the first is warm-up, left out of the means)")
-    groups_per_batch: int = doc(8, "problems per step")
-    group_size: int = doc(8, "samples per problem")
-    max_tokens: int = doc(16, "tokens sampled per reply")
-    base_model: str = doc("SmolLM2-135M-Instruct", "model")
-    sampler_engine: str = doc("vllm", "vllm | torch")
-    raw_reps: int = doc(3, "repetitions of each raw part")
-    trainer_threads: int = doc(0, "torch threads in the trainer (0 = all cores)")
-    sampler_threads: int = doc(0, "torch threads in the sampler engine (0 = all cores)")
-    out: str = doc("", "write the figures as JSON here too ('' = print only)")
-    log_root: str = doc("/tmp/engineroom-bench-rl", "run directories")
+    steps: int = 4
+    """RL steps per mode (the first is warm-up, left out of the means)"""
+    groups_per_batch: int = 8
+    """problems per step"""
+    group_size: int = 8
+    """samples per problem"""
+    max_tokens: int = 16
+    """tokens sampled per reply"""
+    base_model: str = "SmolLM2-135M-Instruct"
+    """model"""
+    sampler_engine: str = "vllm"
+    """vllm | torch"""
+    raw_reps: int = 3
+    """repetitions of each raw part"""
+    trainer_threads: int = 0
+    """torch threads in the trainer (0 = all cores)"""
+    sampler_threads: int = 0
+    """torch threads in the sampler engine (0 = all cores)"""
+    out: str = ""
+    """write the figures as JSON here too ('' = print only)"""
+    log_root: str = "/tmp/engineroom-bench-rl"
+    """run directories"""
 
 
 def loop_args(config: BenchConfig, mode: str, off_policy: int) -> list[str]:
@@ -63,9 +74,9 @@ def loop_args(config: BenchConfig, mode: str, off_policy: int) -> list[str]:
         f"group_size={config.group_size}",
         f"max_tokens={config.max_tokens}",
         f"max_steps_off_policy={off_policy}",
-        f"sampler_engine={config.sampler_engine}",
-        f"trainer_threads={config.trainer_threads}",
-        f"sampler_threads={config.sampler_threads}",
+        f"sampler.engine={config.sampler_engine}",
+        f"trainer.num_threads={config.trainer_threads}",
+        f"sampler.num_threads={config.sampler_threads}",
         "remove_constant_groups=false",  # every step trains on the full batch
         "eval_every=0",
         "save_every=0",
@@ -77,14 +88,13 @@ def loop_args(config: BenchConfig, mode: str, off_policy: int) -> list[str]:
 
 def run_mode(config: BenchConfig, mode: str, off_policy: int) -> tuple[dict[str, float], ...]:
     """Runs rl.loop.train, then the raw parts on its trainer and engine: (phase means, raw parts)."""
-    from rl.loop.train import Config, RLTrainer, make_service
+    from rl.loop.train import Config, run, service_for
 
     train_config = parse_config(Config, loop_args(config, mode, off_policy))
-    service = make_service(train_config)
+    service = service_for(train_config)
     try:
-        trainer = RLTrainer(train_config, service)
-        trainer.run()
-        return phase_means(trainer.history), raw_parts(trainer, config.raw_reps)
+        state = run(train_config, service)
+        return phase_means(state.history), raw_parts(state, config.raw_reps)
     finally:
         service.close()
 
@@ -97,8 +107,8 @@ def phase_means(history: list[dict[str, Any]]) -> dict[str, float]:
 
 async def raw_generation(trainer: Any, client: Any, step: int) -> float:
     """The batch's prompts sampled with bare `sample` calls, all in flight at once."""
+    from rl.loop.pipeline import batch_builders
     from rl.loop.rollouts import RolloutConfig
-    from rl.loop.train import batch_builders
     from rl.types import ModelInput
 
     builders = batch_builders(trainer.train_data, step)

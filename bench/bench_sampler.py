@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from rl.cli import doc, parse_config
+from rl.cli import parse_config
 
 TOPICS = [
     "the ocean", "a lighthouse", "volcanoes", "a lost key", "autumn", "robots", "the moon",
@@ -40,16 +40,26 @@ TOPICS = [
 
 @dataclass(frozen=True)
 class Config:
-    base_model: str = doc("SmolLM2-135M-Instruct", "model to sample from and train")
-    prompts: int = doc(64, "prompts per throughput run")
-    new_tokens: int = doc(64, "tokens generated per prompt")
-    rank: int = doc(32, "LoRA rank of the trained policy")
-    threads: int = doc(2, "torch threads for every engine and the trainer")
-    kv_cache_gib: float = doc(0.5, "vLLM KV cache per engine, GiB (64 x ~100 tokens need 0.3)")
-    rounds: int = doc(3, "alternating raw / client throughput rounds")
-    sync_repeats: int = doc(3, "timed syncs per mode (after an untimed first one)")
-    score_sequences: int = doc(16, "sequences scored by sampler and trainer")
-    bf16: bool = doc(True, "also measure the logprob agreement in bfloat16")
+    base_model: str = "SmolLM2-135M-Instruct"
+    """model to sample from and train"""
+    prompts: int = 64
+    """prompts per throughput run"""
+    new_tokens: int = 64
+    """tokens generated per prompt"""
+    rank: int = 32
+    """LoRA rank of the trained policy"""
+    threads: int = 2
+    """torch threads for every engine and the trainer"""
+    kv_cache_gib: float = 0.5
+    """vLLM KV cache per engine, GiB (64 x ~100 tokens need 0.3)"""
+    rounds: int = 3
+    """alternating raw / client throughput rounds"""
+    sync_repeats: int = 3
+    """timed syncs per mode (after an untimed first one)"""
+    score_sequences: int = 16
+    """sequences scored by sampler and trainer"""
+    bf16: bool = True
+    """also measure the logprob agreement in bfloat16"""
 
 
 def chat_prompts(model_dir: str, n: int) -> list[list[int]]:
@@ -204,10 +214,7 @@ def service_for(config: Config, dtype: str) -> Any:
 
 def close_pool(service: Any, client: Any) -> None:
     """Stops the sampler actors behind `client` (frees their memory for the next engine)."""
-    for key, pool in list(service._sampler_pools.items()):
-        if pool is client._pool:
-            pool.close()
-            del service._sampler_pools[key]
+    service.pools.drop(client.pool)
 
 
 def sync_latency(
@@ -245,11 +252,29 @@ def main(config: Config) -> None:
     raw_runs, api_runs = paired_throughput(config, model_dir, prompts, base)
     close_pool(service, base)
     api = api_runs[-1]
+    batch = api["sequences"][:8]
+    scored = api["sequences"][: config.score_sequences]
+    syncs, agreement, runs = trained_float32(config, service, prompts, batch, scored)
+    service.close()
+    if config.bf16:
+        agreement.update(bfloat16_agreement(config, batch, scored))
+    report_throughput(config, raw_runs, api_runs, runs)
+    report_syncs(config, syncs)
+    report_agreement(config, agreement, len(scored))
+
+
+def trained_float32(
+    config: Config,
+    service: Any,
+    prompts: list[list[int]],
+    batch: list[list[int]],
+    scored: list[list[int]],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A LoRA policy trained on `batch` and synced in each mode, in float32: (sync latency,
+    logprob agreement on `scored`, throughput on `prompts`), each by mode."""
     training_client = service.create_lora_training_client(
         config.base_model, rank=config.rank, seed=0
     )
-    batch = api["sequences"][:8]
-    scored = api["sequences"][: config.score_sequences]
     syncs, agreement, runs = {}, {}, {}
     for mode in ("adapter", "merged"):
         syncs[mode] = sync_latency(training_client, mode, config.sync_repeats, batch)
@@ -257,24 +282,33 @@ def main(config: Config) -> None:
         agreement[f"float32 {mode}"] = logprob_agreement(training_client, client, scored)
         runs[mode] = timed_sampling(client, prompts, config.new_tokens)
         close_pool(service, client)
+    return syncs, agreement, runs
+
+
+def bfloat16_agreement(
+    config: Config, batch: list[list[int]], scored: list[list[int]]
+) -> dict[str, Any]:
+    """The logprob agreement in bfloat16, after one step on `batch`, by mode."""
+    agreement: dict[str, Any] = {}
+    service = service_for(config, "bfloat16")
+    bf16_client = service.create_lora_training_client(config.base_model, rank=config.rank, seed=0)
+    train_step(bf16_client, batch)
+    for mode in ("adapter", "merged"):
+        client = bf16_client.save_weights_and_get_sampling_client(sync_mode=mode)
+        agreement[f"bfloat16 {mode}"] = logprob_agreement(bf16_client, client, scored)
+        close_pool(service, client)
     service.close()
-    if config.bf16:
-        service = service_for(config, "bfloat16")
-        bf16_client = service.create_lora_training_client(
-            config.base_model, rank=config.rank, seed=0
-        )
-        train_step(bf16_client, batch)
-        for mode in ("adapter", "merged"):
-            client = bf16_client.save_weights_and_get_sampling_client(sync_mode=mode)
-            agreement[f"bfloat16 {mode}"] = logprob_agreement(bf16_client, client, scored)
-            close_pool(service, client)
-        service.close()
-    adapter, merged = syncs["adapter"], syncs["merged"]
+    return agreement
+
+
+def rate(run: dict[str, Any]) -> float:
+    return run["tokens"] / run["seconds"]
+
+
+def report_throughput(
+    config: Config, raw_runs: list[Any], api_runs: list[Any], runs: dict[str, Any]
+) -> None:
     lora_run, merged_run = runs["adapter"], runs["merged"]
-
-    def rate(run: dict[str, Any]) -> float:
-        return run["tokens"] / run["seconds"]
-
     raw_rates = [rate(r) for r in raw_runs]
     api_rates = [rate(r) for r in api_runs]
     ratios = [a / r for a, r in zip(api_rates, raw_rates, strict=True)]
@@ -290,6 +324,10 @@ def main(config: Config) -> None:
         f"  trained r{config.rank}, adapter mode     {rate(lora_run):8.1f} tok/s  (vLLM LoRA kernels)"
     )
     print(f"  trained r{config.rank}, merged mode      {rate(merged_run):8.1f} tok/s")
+
+
+def report_syncs(config: Config, syncs: dict[str, Any]) -> None:
+    adapter, merged = syncs["adapter"], syncs["merged"]
     print(f"\nweight sync, LoRA r{config.rank}, median of {config.sync_repeats} (best push):")
     for name, result in (("adapter", adapter), ("merged", merged)):
         target = "0.2" if name == "adapter" else "4"
@@ -298,8 +336,11 @@ def main(config: Config) -> None:
             f"   + probe check {result['verify_s'] * 1000:6.1f} ms"
             f"   = {result['total_s'] * 1000:7.1f} ms   (target push <= {target} s)"
         )
+
+
+def report_agreement(config: Config, agreement: dict[str, Any], n_scored: int) -> None:
     print(
-        f"\nsampler vs trainer logprobs, {len(scored)} sequences, same weights (trained r{config.rank}):"
+        f"\nsampler vs trainer logprobs, {n_scored} sequences, same weights (trained r{config.rank}):"
     )
     for name, result in agreement.items():
         print(

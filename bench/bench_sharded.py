@@ -20,17 +20,23 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from rl.cli import doc, parse_config
+from rl.cli import parse_config
 
 
 @dataclass(frozen=True)
 class Config:
-    base_model: str = doc("SmolLM2-135M-Instruct", "model to train")
-    rank: int = doc(32, "LoRA rank")
-    threads: int = doc(2, "torch threads in all (split between the ranks)")
-    dtype: str = doc("float32", "base-weight dtype (the trainer's CPU default)")
-    steps: int = doc(3, "timed steps per measurement (after one warm-up step)")
-    seed: int = doc(0, "data seed")
+    base_model: str = "SmolLM2-135M-Instruct"
+    """model to train"""
+    rank: int = 32
+    """LoRA rank"""
+    threads: int = 2
+    """torch threads in all (split between the ranks)"""
+    dtype: str = "float32"
+    """base-weight dtype (the trainer's CPU default)"""
+    steps: int = 3
+    """timed steps per measurement (after one warm-up step)"""
+    seed: int = 0
+    """data seed"""
 
 
 def batch(seed: int) -> list[list[int]]:
@@ -72,7 +78,7 @@ def measure(config: Config, world_size: int) -> dict[str, float]:
     for _ in range(config.steps):
         client.forward(data).result()
     results["forward_s"] = (time.perf_counter() - start) / config.steps
-    memory = rl.futures.ray_get(client._actor.memory_stats.remote())
+    memory = rl.futures.ray_get(client.trainer_actor.memory_stats.remote())
     results["rss_mib"] = memory.get("peak_rss_mib_all_ranks", memory["peak_rss_mib"])
     service.close()
     return results

@@ -26,18 +26,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rl.cli import doc, parse_config  # noqa: E402
+from rl.cli import parse_config  # noqa: E402
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    syncs: int = doc(6, "timed syncs (after an untimed first one)")
-    transport_rounds: int = doc(6, "rounds of the transport A/B")
-    train_unembed: bool = doc(True, "LoRA on the output head too (rl.loop.train's key)")
+    syncs: int = 6
+    """timed syncs (after an untimed first one)"""
+    transport_rounds: int = 6
+    """rounds of the transport A/B"""
+    train_unembed: bool = True
+    """LoRA on the output head too (rl.loop.train's key)"""
 
 
 def memory_bandwidth_gbs() -> float:
@@ -56,18 +60,26 @@ def main(config: BenchConfig) -> None:
     import ray
 
     import rl
-    from rl import types
     from rl.loop.train import Config as TrainConfig
-    from rl.packed import PackedTensors
 
     print(f"memory bandwidth before: {memory_bandwidth_gbs():.1f} GB/s", flush=True)
     preset = parse_config(TrainConfig, [])
-    service = rl.ServiceClient(
-        trainer_config=preset.trainer_config(), sampler_config=preset.sampler_config()
-    )
+    trainer_config, sampler_config = preset.actor_configs()
+    service = rl.ServiceClient(trainer_config=trainer_config, sampler_config=sampler_config)
     client = service.create_lora_training_client(
         preset.base_model, rank=preset.rank, train_unembed=config.train_unembed
     )
+    phases = measure_syncs(config, client)
+    times, packed = measure_transport(config, client)
+    ray.shutdown()
+    report(config, phases, times, packed)
+
+
+def measure_syncs(config: BenchConfig, client: Any) -> dict[str, list[float]]:
+    """1. Seconds of each phase of `syncs` merged-mode syncs, each after a training step (the
+    first sync, untimed, left out); prints every sync as it ends."""
+    from rl import types
+
     rng = random.Random(0)
 
     def step() -> None:
@@ -103,12 +115,21 @@ def main(config: BenchConfig) -> None:
         if index:
             for key, value in row.items():
                 phases.setdefault(key, []).append(value)
+    return phases
+
+
+def measure_transport(config: BenchConfig, client: Any) -> tuple[dict[str, list[float]], Any]:
+    """2. Seconds of `ray.put` + a remote read of the adapter, as a dict of tensors and
+    packed, in alternating rounds; and the packed adapter."""
+    import ray
+
+    from rl.packed import PackedTensors
 
     @ray.remote(num_cpus=0)  # the actors hold every CPU
     def read(value: object) -> int:
         return len(value[1])  # type: ignore[index]
 
-    adapter_config, packed = ray.get(client._actor.adapter_weights.remote(client.model_id))
+    adapter_config, packed = ray.get(client.trainer_actor.adapter_weights.remote(client.model_id))
     as_dict = {k: v.clone() for k, v in packed.items()}
     # Each as the trainer makes it from the live weights: one copy.
     makers = {
@@ -121,8 +142,13 @@ def main(config: BenchConfig) -> None:
             began = time.perf_counter()
             ray.get(read.remote(ray.put((adapter_config, make()))))
             times[name].append(time.perf_counter() - began)
-    ray.shutdown()
+    return times, packed
 
+
+def report(
+    config: BenchConfig, phases: dict[str, list[float]], times: dict[str, list[float]], packed: Any
+) -> None:
+    """Prints the sync phases' medians, the transport A/B, and the memory bandwidth now."""
     print(f"\nmerged-mode sync, medians of {config.syncs} (first left out), seconds:")
     for key, values in phases.items():
         print(f"  {key:<13} {statistics.median(values):.3f}  (min {min(values):.3f})")

@@ -24,18 +24,25 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from rl.cli import doc, parse_config
+from rl.cli import parse_config
 
 
 @dataclass(frozen=True)
 class Config:
-    base_model: str = doc("SmolLM2-135M-Instruct", "model to train")
-    rank: int = doc(32, "LoRA rank")
-    threads: int = doc(2, "torch threads for both contenders")
-    dtype: str = doc("bfloat16", "base-weight dtype")
-    steps: int = doc(3, "timed steps per measurement (after one warm-up step)")
-    mixed_steps: int = doc(1, "timed steps for the mixed-length batch (after one warm-up)")
-    seed: int = doc(0, "data seed")
+    base_model: str = "SmolLM2-135M-Instruct"
+    """model to train"""
+    rank: int = 32
+    """LoRA rank"""
+    threads: int = 2
+    """torch threads for both contenders"""
+    dtype: str = "bfloat16"
+    """base-weight dtype"""
+    steps: int = 3
+    """timed steps per measurement (after one warm-up step)"""
+    mixed_steps: int = 1
+    """timed steps for the mixed-length batch (after one warm-up)"""
+    seed: int = 0
+    """data seed"""
 
 
 def uniform_batch(seed: int) -> list[list[int]]:
@@ -136,7 +143,7 @@ def api_loop(config: Config) -> dict[str, float]:
         for _ in range(steps):
             step(data)
         results[label] = (time.perf_counter() - start) / steps
-    results["peak_rss_mib"] = rl.futures.ray_get(client._actor.memory_stats.remote())[
+    results["peak_rss_mib"] = rl.futures.ray_get(client.trainer_actor.memory_stats.remote())[
         "peak_rss_mib"
     ]
     service.close()

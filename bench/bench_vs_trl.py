@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_vs_trl.py                  # 20 steps, ours first, then TRL
     .venv/bin/python bench/bench_vs_trl.py --steps 8 --sides trl,ours --trl-lr 1e-4
     .venv/bin/python bench/bench_vs_trl.py --quick          # 2 steps per side: a smoke run
-    .venv/bin/python bench/bench_vs_trl.py --ours sync_mode=adapter     # extra rl.loop.train keys
+    .venv/bin/python bench/bench_vs_trl.py --ours sampler.sync_mode=adapter     # extra rl.loop.train keys
     .venv/bin/python bench/bench_vs_trl.py --steps 5 --repeats 3 --trl-seed 0,1,2  # spreads
 
 One invocation runs both sides one after the other, each in a child process of its own:
@@ -149,23 +149,13 @@ def run_trl_child(
 ) -> None:
     """GRPOTrainer on the task; writes one JSON line per eval and per step to `events_path`."""
     import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    events = open(events_path, "a")  # noqa: SIM115 (open for the whole run)
-
-    def emit(kind: str, **values: Any) -> None:
-        events.write(json.dumps({"kind": kind, "time": time.time(), **values}) + "\n")
-        events.flush()
-
+    events = EventLog(events_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     renderer = ChatRenderer(tokenizer)
     train, test = task_prompts(tokenizer, steps)
-    for p in (*train, *test):  # TRL tokenizes the text itself: it must give our tokens
-        got = tokenizer(text=p.text)["input_ids"]
-        if got != p.tokens:
-            raise SystemExit(f"TRL's tokens of {p.text!r} differ from ours: {got} != {p.tokens}")
+    check_trl_tokens(tokenizer, [*train, *test])
     from datasets import Dataset
 
     dataset = Dataset.from_list([{"prompt": p.text, "answer": p.answer} for p in train])
@@ -176,14 +166,90 @@ def run_trl_child(
         ]
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    stop_ids = renderer.stop_condition
     greedy = GenerationConfig(
         do_sample=False,
         max_new_tokens=MAX_TOKENS,
-        eos_token_id=stop_ids,
+        eos_token_id=renderer.stop_condition,
         pad_token_id=tokenizer.pad_token_id,
     )
-    phases = {"generate_s": 0.0, "rollout_s": 0.0}
+    held_out = GreedyEval(tokenizer, renderer, test, greedy, events.emit)
+    phases = {"generate_s": 0.0, "rollout_s": 0.0}  # seconds in this step, per method
+    trainer = timed_grpo_trainer(phases)(
+        model=model,
+        reward_funcs=reward,
+        args=grpo_config(out_dir, steps, lr, seed),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        callbacks=[eval_callback(held_out, phases, events.emit)],
+    )
+    trainer.train()
+    events.emit("done")
+    events.close()
+
+
+class EventLog:
+    """The TRL child's events file: one JSON line per event, stamped with time.time()."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a")  # noqa: SIM115 (open for the whole run)
+
+    def emit(self, kind: str, **values: Any) -> None:
+        self._file.write(json.dumps({"kind": kind, "time": time.time(), **values}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def check_trl_tokens(tokenizer: Any, prompts: Sequence[Prompt]) -> None:
+    """TRL tokenizes the text itself: it must give our tokens."""
+    for p in prompts:
+        got = tokenizer(text=p.text)["input_ids"]
+        if got != p.tokens:
+            raise SystemExit(f"TRL's tokens of {p.text!r} differ from ours: {got} != {p.tokens}")
+
+
+@dataclass
+class GreedyEval:
+    """TRL's held-out eval: greedy, batched with left padding; emits one "eval" event."""
+
+    tokenizer: Any
+    renderer: ChatRenderer
+    test: list[Prompt]
+    greedy: Any  # transformers.GenerationConfig
+    emit: Callable[..., None]
+
+    def __call__(self, policy: Any, step: int) -> None:
+        import torch
+
+        began = time.perf_counter()
+        was_training = policy.training
+        policy.eval()
+        test = self.test
+        width = max(len(p.tokens) for p in test)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p.tokens)) + p.tokens for p in test])
+        mask = torch.tensor([[0] * (width - len(p.tokens)) + [1] * len(p.tokens) for p in test])
+        with torch.no_grad():
+            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=self.greedy)
+        policy.train(was_training)
+        scores = [
+            score(self.renderer, row[width:].tolist(), p.answer)
+            for row, p in zip(out, test, strict=True)
+        ]
+        self.emit(
+            "eval",
+            step=step,
+            accuracy=statistics.fmean(s["correct"] for s in scores),
+            format=statistics.fmean(s["format"] for s in scores),
+            eval_s=time.perf_counter() - began,
+        )
+
+
+def timed_grpo_trainer(phases: dict[str, float]) -> type:
+    """GRPOTrainer adding the seconds of its generate and rollout methods to `phases`."""
+    from trl import GRPOTrainer
 
     class TimedGRPOTrainer(GRPOTrainer):
         def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
@@ -198,28 +264,15 @@ def run_trl_child(
             phases["rollout_s"] += time.perf_counter() - began
             return out
 
-    def held_out(policy: Any, step: int) -> None:
-        began = time.perf_counter()
-        was_training = policy.training
-        policy.eval()
-        width = max(len(p.tokens) for p in test)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p.tokens)) + p.tokens for p in test])
-        mask = torch.tensor([[0] * (width - len(p.tokens)) + [1] * len(p.tokens) for p in test])
-        with torch.no_grad():
-            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=greedy)
-        policy.train(was_training)
-        scores = [
-            score(renderer, row[width:].tolist(), p.answer)
-            for row, p in zip(out, test, strict=True)
-        ]
-        emit(
-            "eval",
-            step=step,
-            accuracy=statistics.fmean(s["correct"] for s in scores),
-            format=statistics.fmean(s["format"] for s in scores),
-            eval_s=time.perf_counter() - began,
-        )
+    return TimedGRPOTrainer
+
+
+def eval_callback(
+    held_out: Callable[[Any, int], None], phases: dict[str, float], emit: Callable[..., None]
+) -> Any:
+    """A TrainerCallback: the held-out eval before the first step and after every step, and
+    one "step" event per step with its phases."""
+    from transformers import TrainerCallback
 
     class HeldOutEval(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -240,7 +293,14 @@ def run_trl_child(
             )
             held_out(kw["model"], state.global_step)
 
-    config = GRPOConfig(
+    return HeldOutEval()
+
+
+def grpo_config(out_dir: str, steps: int, lr: float, seed: int) -> Any:
+    """TRL's settings, matched to our loop's (see the module docstring)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
         output_dir=out_dir,
         max_steps=steps,
         per_device_train_batch_size=GROUPS * GROUP_SIZE,
@@ -273,7 +333,12 @@ def run_trl_child(
         logging_steps=1,
         disable_tqdm=True,
     )
-    lora = LoraConfig(
+
+
+def lora_config() -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=16,
         lora_alpha=32,
         lora_dropout=0.0,
@@ -288,18 +353,6 @@ def run_trl_child(
         ],
         task_type="CAUSAL_LM",
     )
-    trainer = TimedGRPOTrainer(
-        model=model,
-        reward_funcs=reward,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora,
-        callbacks=[HeldOutEval()],
-    )
-    trainer.train()
-    emit("done")
-    events.close()
 
 
 # -- the parent: run, watch, summarise ------------------------------------------------------
@@ -597,6 +650,29 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    steps, seeds = checked_steps_and_seeds(parser, args)
+    if args.trl_child:
+        run_trl_child(args.model, steps, args.trl_lr, args.events, args.trl_out, seeds[0])
+        return
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if not sides or set(sides) - {"ours", "trl"} or len(set(sides)) != len(sides):
+        parser.error(f"--sides {args.sides!r}: expected 'ours,trl', 'trl,ours', 'ours' or 'trl'")
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_vs_trl_")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    print(
+        f"bench_vs_trl: {steps} steps per side, {' then '.join(sides)}; logs in {work}", flush=True
+    )
+    results = run_sides(sides, steps, seeds, args, work)
+    print("\n" + summary(results, steps))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"steps": steps, "sides": [asdict(s) for s in results]}, indent=1))
+    print(f"results: {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per side")
     parser.add_argument("--quick", action="store_true", help="2 steps per side (smoke run)")
@@ -619,7 +695,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--events", help=argparse.SUPPRESS)
     parser.add_argument("--trl-out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def checked_steps_and_seeds(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[int, list[int]]:
+    """Steps per side and TRL's seeds; refuses bad values (exits) before anything runs."""
     steps = 2 if args.quick else args.steps
     if steps < 1:
         parser.error(f"--steps {steps} must be >= 1")
@@ -631,17 +713,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--trl-seed {args.trl_seed!r}: expected an integer or a list like '0,1,2'")
     if len(set(seeds)) != len(seeds):
         parser.error(f"--trl-seed {args.trl_seed!r}: a seed repeats (a TRL run is deterministic)")
-    if args.trl_child:
-        run_trl_child(args.model, steps, args.trl_lr, args.events, args.trl_out, seeds[0])
-        return
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-    if not sides or set(sides) - {"ours", "trl"} or len(set(sides)) != len(sides):
-        parser.error(f"--sides {args.sides!r}: expected 'ours,trl', 'trl,ours', 'ours' or 'trl'")
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench_vs_trl_")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    print(
-        f"bench_vs_trl: {steps} steps per side, {' then '.join(sides)}; logs in {work}", flush=True
-    )
+    return steps, seeds
+
+
+def run_sides(
+    sides: list[str], steps: int, seeds: list[int], args: argparse.Namespace, work: Path
+) -> list[Side]:
+    """Every run of every side, in order, each summarised as it ends."""
     model_path = resolve_model_path() if "trl" in sides else ""
     results = []
     for name in sides:
@@ -655,11 +733,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 tag = "trl" if len(seeds) == 1 else f"trl-s{seed}"
                 results.append(run_trl(steps, args.trl_lr, work, model_path, seed, tag))
                 print(summary(results[-1:], steps), flush=True)
-    print("\n" + summary(results, steps))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"steps": steps, "sides": [asdict(s) for s in results]}, indent=1))
-    print(f"results: {out}")
+    return results
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch
 
-from rl.cli import doc, parse_config
+from rl.cli import parse_config
 
 ANCHOR_TOKENS_PER_S = 13_300  # prime-rl, Qwen3-0.6B LoRA r16 at 16k, one H100
 TARGET_TOKENS_PER_S = 26_000
@@ -70,21 +70,36 @@ TINY_MFU = {**TINY, "hidden_size": 128, "intermediate_size": 256, "head_dim": 32
 
 @dataclass(frozen=True)
 class Config:
-    device: Literal["cuda", "cpu"] = doc("cuda", "where the measured side runs")
-    shapes: Literal["real", "tiny"] = doc("real", "real: Qwen3-0.6B / 4B shapes; tiny: for CI")
-    parts: str = doc("throughput,mfu,numerics,sampler", "which checks to run, comma-separated")
-    seq_lens: str = doc("16384,4096", "throughput sequence lengths (tiny: 64,32)")
-    mfu_seq_len: int = doc(4096, "sequence length of the MFU step (tiny: 64)")
-    steps: int = doc(3, "timed steps per measurement, after one warm-up step")
-    rank: int = doc(16, "LoRA rank")
-    gradient_checkpointing: bool = doc(False, "activation checkpointing in our trainer")
-    logprob_chunk_tokens: int | None = doc(None, "our output-head chunk (None: the default)")
-    sampler_prompts: int = doc(64, "sampler: prompts (one request each)")
-    sampler_tokens: int = doc(128, "sampler: tokens generated per prompt")
-    sampler_budget_s: float = doc(120.0, "sampler: stop starting prompts after this long")
-    peak_tflops: float = doc(0.0, "peak bf16 TFLOP/s for MFU; 0 = from the GPU's name")
-    json: str = doc("", "also write the results to this JSON file")
-    seed: int = doc(0, "seed of weights and data")
+    device: Literal["cuda", "cpu"] = "cuda"
+    """where the measured side runs"""
+    shapes: Literal["real", "tiny"] = "real"
+    """real: Qwen3-0.6B / 4B shapes; tiny: for CI"""
+    parts: str = "throughput,mfu,numerics,sampler"
+    """which checks to run, comma-separated"""
+    seq_lens: str = "16384,4096"
+    """throughput sequence lengths (tiny: 64,32)"""
+    mfu_seq_len: int = 4096
+    """sequence length of the MFU step (tiny: 64)"""
+    steps: int = 3
+    """timed steps per measurement, after one warm-up step"""
+    rank: int = 16
+    """LoRA rank"""
+    gradient_checkpointing: bool = False
+    """activation checkpointing in our trainer"""
+    logprob_chunk_tokens: int | None = None
+    """our output-head chunk (None: the default)"""
+    sampler_prompts: int = 64
+    """sampler: prompts (one request each)"""
+    sampler_tokens: int = 128
+    """sampler: tokens generated per prompt"""
+    sampler_budget_s: float = 120.0
+    """sampler: stop starting prompts after this long"""
+    peak_tflops: float = 0.0
+    """peak bf16 TFLOP/s for MFU; 0 = from the GPU's name"""
+    json: str = ""
+    """also write the results to this JSON file"""
+    seed: int = 0
+    """seed of weights and data"""
 
 
 # -- models ----------------------------------------------------------------------------------

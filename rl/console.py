@@ -260,3 +260,14 @@ def _quiet_transformers() -> bool:
     hf_logging.disable_default_handler()
     hf_logging.disable_progress_bar()
     return True
+
+
+def process_age_s() -> float:
+    """Wall seconds since this process started (Linux /proc; 0.0 where that is unreadable):
+    the clock of the start-up figures a run prints."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)

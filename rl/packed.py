@@ -3,7 +3,7 @@
 Ray pickles a dict of torch tensors tensor by tensor: for SmolLM2's r16 adapter (422 tensors,
 23 MB) that cost ~0.2 s to store and ~0.14 s to read back on each receiver, a third of a weight
 sync. One contiguous float32 numpy array is stored as a single out-of-band buffer and read back
-almost for free (0.06 s and 0.015 s; `bench/README.md`). `PackedTensors` is that array plus
+almost for free (0.06 s and 0.015 s). `PackedTensors` is that array plus
 the names and shapes, and reads as a `Mapping[str, torch.Tensor]`, so code written for a dict
 of tensors takes it unchanged.
 """

@@ -265,7 +265,7 @@ def _no_delta(adapter: Mapping[str, torch.Tensor]) -> bool:
     ups = [t for name, t in adapter.items() if "lora_B" in name]
     # In pieces of at most _SERIAL_NUMEL: a larger reduction starts an OpenMP team on this
     # (the actor's) thread, and a second team in the process left every later engine step
-    # 10-20% slower (bench/README.md, sixth pass).
+    # 10-20% slower.
     return bool(ups) and all(
         not piece.any() for t in ups for piece in t.reshape(-1).split(_SERIAL_NUMEL)
     )

@@ -59,7 +59,7 @@ class SamplerConfig:
     sleep_between_rollouts: bool = False
     """vLLM on CUDA: put the engines to sleep (level 1: weights to host memory, KV cache
     dropped) while the trainer trains, and wake them for the next rollouts, so a colocated
-    trainer gets the GPU memory back. The RL loop does this in sync mode
+    trainer gets the GPU memory back. The RL loop does this on-policy
     (max_steps_off_policy=0); on CPU it is an error, as vLLM has no sleep mode there."""
 
     num_threads: int = 0
@@ -118,7 +118,7 @@ class SamplerConfig:
     """How trainer weights reach the engine. "adapter": the LoRA adapter is loaded under a new
     version id next to the base weights; many training clients share one engine. "merged":
     the adapter is merged into the base weights and the full weights are reloaded; one engine
-    per training client. "auto": merged on CPU (vLLM's LoRA path is ~4x slower there),
+    per training client. "auto": merged on CPU (vLLM's LoRA path is several times slower there),
     adapter on GPU."""
 
     verify_sync: bool = True

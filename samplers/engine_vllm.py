@@ -95,6 +95,72 @@ def engine_env() -> dict[str, str]:
     return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def unties_embeddings(*, enable_lora: bool, tied_embeddings: bool) -> bool:
+    """Whether the engine gets its own output head: merged syncs may change it alone."""
+    return not enable_lora and tied_embeddings
+
+
+def vllm_kwargs(
+    config: SamplerConfig,
+    *,
+    enable_lora: bool,
+    on_gpu: bool,
+    tied_embeddings: bool = False,
+    model_max_len: int | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM(model_dir, ...)` for `config` on a device with
+    (`on_gpu`) or without a GPU. `tied_embeddings` and `model_max_len` come from the model's
+    config (`tie_word_embeddings`, `max_position_embeddings`)."""
+    kwargs: dict[str, Any] = {
+        # vLLM's own "auto" follows the checkpoint (and turns float32 into bfloat16);
+        # ours is the trainer's default, so sampler and trainer logprobs agree.
+        "dtype": config.resolved_dtype(on_gpu),
+        "seed": config.seed,
+        "enable_prefix_caching": config.enable_prefix_caching,
+        "enforce_eager": config.enforce_eager,
+        "logprobs_mode": "processed_logprobs"
+        if config.logprobs_mode == "sampled"
+        else "raw_logprobs",
+        "max_logprobs": max(config.max_logprobs, 1),
+    }
+    if config.max_model_len is not None:  # capped by the model's own maximum
+        kwargs["max_model_len"] = min(config.max_model_len, model_max_len or config.max_model_len)
+    if on_gpu:  # the KV cache takes what the weights leave of this share
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = config.sleep_between_rollouts
+        if config.tensor_parallel_size > 1:
+            # Worker processes of this actor, on the GPUs Ray gave it (not Ray workers,
+            # which would ask Ray for GPUs this actor already holds).
+            kwargs["tensor_parallel_size"] = config.tensor_parallel_size
+            kwargs["distributed_executor_backend"] = "mp"
+    else:
+        kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30)
+    block_size = config.resolved_block_size(on_gpu)
+    if block_size is not None:
+        kwargs["block_size"] = block_size
+    if enable_lora:
+        kwargs.update(
+            enable_lora=True,
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            max_cpu_loras=config.max_cpu_loras or config.max_loras,
+        )
+    if unties_embeddings(enable_lora=enable_lora, tied_embeddings=tied_embeddings):
+        kwargs["hf_overrides"] = {"tie_word_embeddings": False}
+    return kwargs
+
+
+def _set_up_torch(config: SamplerConfig, on_gpu: bool) -> None:
+    """torch settings of this process; before vLLM starts, as its CPU worker disables
+    torch.set_num_threads afterwards."""
+    torch.set_num_threads(config.resolved_threads())
+    if config.enforce_eager and not on_gpu:
+        # vLLM's sampler compiles one small helper (the rank of each token's logprob)
+        # even in eager mode: 2.3-2.5 s on the engine's first request, for no measured
+        # gain in its later ones on CPU. Process-wide: a sampler actor runs one engine.
+        torch.compiler.set_stance("force_eager")
+
+
 class VLLMEngine:
     def __init__(
         self,
@@ -136,53 +202,17 @@ class VLLMEngine:
         from transformers import AutoConfig
         from vllm import LLM
 
-        # Before vLLM starts: its CPU worker disables torch.set_num_threads afterwards.
-        torch.set_num_threads(config.resolved_threads())
-        if config.enforce_eager and not on_gpu:
-            # vLLM's sampler compiles one small helper (the rank of each token's logprob)
-            # even in eager mode: 2.3-2.5 s on the engine's first request, for no measured
-            # gain in its later ones on CPU. Process-wide: a sampler actor runs one engine.
-            torch.compiler.set_stance("force_eager")
+        _set_up_torch(config, on_gpu)  # before vLLM starts
         hf_config = AutoConfig.from_pretrained(model_dir)
-        # Merged syncs may change the output head alone; give it its own weight.
-        untie = not enable_lora and bool(getattr(hf_config, "tie_word_embeddings", False))
-        kwargs: dict[str, Any] = {
-            # vLLM's own "auto" follows the checkpoint (and turns float32 into bfloat16);
-            # ours is the trainer's default, so sampler and trainer logprobs agree.
-            "dtype": config.resolved_dtype(on_gpu),
-            "seed": config.seed,
-            "enable_prefix_caching": config.enable_prefix_caching,
-            "enforce_eager": config.enforce_eager,
-            "logprobs_mode": "processed_logprobs"
-            if config.logprobs_mode == "sampled"
-            else "raw_logprobs",
-            "max_logprobs": max(config.max_logprobs, 1),
-        }
-        if config.max_model_len is not None:  # capped by the model's own maximum
-            model_max = getattr(hf_config, "max_position_embeddings", None)
-            kwargs["max_model_len"] = min(config.max_model_len, model_max or config.max_model_len)
-        if on_gpu:  # the KV cache takes what the weights leave of this share
-            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-            kwargs["enable_sleep_mode"] = config.sleep_between_rollouts
-            if config.tensor_parallel_size > 1:
-                # Worker processes of this actor, on the GPUs Ray gave it (not Ray workers,
-                # which would ask Ray for GPUs this actor already holds).
-                kwargs["tensor_parallel_size"] = config.tensor_parallel_size
-                kwargs["distributed_executor_backend"] = "mp"
-        else:
-            kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * 2**30)
-        block_size = config.resolved_block_size(on_gpu)
-        if block_size is not None:
-            kwargs["block_size"] = block_size
-        if enable_lora:
-            kwargs.update(
-                enable_lora=True,
-                max_loras=config.max_loras,
-                max_lora_rank=config.max_lora_rank,
-                max_cpu_loras=config.max_cpu_loras or config.max_loras,
-            )
-        if untie:
-            kwargs["hf_overrides"] = {"tie_word_embeddings": False}
+        tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        untie = unties_embeddings(enable_lora=enable_lora, tied_embeddings=tied)
+        kwargs = vllm_kwargs(
+            config,
+            enable_lora=enable_lora,
+            on_gpu=on_gpu,
+            tied_embeddings=tied,
+            model_max_len=getattr(hf_config, "max_position_embeddings", None),
+        )
         # vLLM runs full garbage collections while it loads the model (~1 s here, scanning
         # every object that torch's and vLLM's imports made); frozen, those are skipped.
         gc.freeze()
@@ -259,7 +289,7 @@ class VLLMEngine:
     def load_full_weights(self, weights: FullWeights) -> None:
         # Prefer a function that makes the tensors: it runs on the engine thread. On CPU a
         # parallel torch op on any other thread of the process starts a second OpenMP
-        # team, which left every later engine step 10-20% slower (bench/README.md).
+        # team, which left every later engine step 10-20% slower.
         def reload() -> None:
             path = self._load_whole(dict(weights() if callable(weights) else weights))
             self.reloads[path] += 1

@@ -4,7 +4,7 @@ After every sync the sampler scores a fixed probe sequence (prompt logprobs) wit
 weights, and the trainer scores the same tokens (`forward`). Two checks, both pure functions:
 
 1. Agreement: mean |sampler - trainer| must be within the tolerance (numerical noise on
-   SmolLM2-135M: ~1e-5 nats in float32, ~0.05 in bfloat16; see bench/README.md).
+   SmolLM2-135M: ~1e-5 nats in float32, ~0.05 in bfloat16).
 2. Movement: when the trainer's logprobs moved since the previous sync by more than the noise,
    the sampler must have moved towards them; a sampler still answering with the old weights
    (a reload that silently did nothing) fails this even when the step was too small for (1).

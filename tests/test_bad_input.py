@@ -151,7 +151,7 @@ def test_optim_step_with_no_gradient_is_an_error(twins):
 
 def test_unknown_model_id(twins):
     client = twins[0]
-    ref = client._actor.forward.remote("nobody:train:9", good_batch())
+    ref = client.trainer_actor.forward.remote("nobody:train:9", good_batch())
     from rl.futures import ray_get
 
     with pytest.raises(NotFoundError, match="unknown model id 'nobody:train:9'"):

@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 
 from envs.chat import ChatRenderer
 from rl.cli import parse_config
-from rl.loop.train import Config, batch_builders, build_datasets
+from rl.loop.pipeline import batch_builders
+from rl.loop.train import Config, build_datasets
 from rl.models import resolve_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_vs_trl.py"

@@ -16,8 +16,9 @@ import ray
 
 from rl.cli import parse_config
 from rl.loop.metrics_log import read_metrics
+from rl.loop.pipeline import batch_builders, builder_id
 from rl.loop.run_dir import last_checkpoint
-from rl.loop.train import Config, batch_builders, build_datasets, builder_id, main
+from rl.loop.train import Config, build_datasets, main
 from samplers.config import SamplerConfig
 from trainers import TrainerConfig
 
@@ -68,7 +69,7 @@ def test_rl_train_survives_sampler_and_trainer_deaths(ray_local, tiny_model, tmp
         "eval_every": 0,
         "save_every": 2,
         "log_samples": 0,
-        "sync_mode": "merged",
+        "sampler.sync_mode": "merged",
         "log_dir": str(run_dir),
     }
     argv = [f"{k}={v}" for k, v in args.items()]
@@ -90,10 +91,10 @@ def test_rl_train_survives_sampler_and_trainer_deaths(ray_local, tiny_model, tmp
     try:
         runner.start()
         _wait_for_step(run_dir, sampler_after, runner)
-        (pool,) = [p for key, p in service._sampler_pools.items() if "::merged::" in key]
+        (pool,) = [p for key, p in service.pools.started().items() if "::merged::" in key]
         ray.kill(pool.actor_handles()[0], no_restart=False)
         _wait_for_step(run_dir, trainer_after, runner)
-        (host,) = service._hosts.values()
+        (host,) = service.hosts.values()
         ray.kill(host.handle)
         runner.join(timeout=600)
         assert not runner.is_alive() and not failures, failures
@@ -148,7 +149,7 @@ def test_rl_sft_survives_a_trainer_death(ray_local, tiny_model, tmp_path):
             max_steps=60,
             save_every=4,
             max_length=96,
-            dtype="float32",
+            trainer=TrainerConfig(dtype="float32"),
         )
 
     def batches(log_dir: Path) -> list[tuple[int, list[int]]]:
@@ -168,7 +169,7 @@ def test_rl_sft_survives_a_trainer_death(ray_local, tiny_model, tmp_path):
         sft_main(config(tmp_path / "reference"), service=service)  # uninterrupted
         runner.start()
         _wait_for_step(tmp_path / "run", 5, runner)  # saved at 4: later steps are lost
-        (host,) = service._hosts.values()
+        (host,) = service.hosts.values()
         ray.kill(host.handle)
         runner.join(timeout=600)
         assert not runner.is_alive() and not failures, failures

@@ -3,7 +3,7 @@ own environment on first use and starts a real server process).
 
 A short version of `scripts/cookbook.sh`: the math_rl recipe (env=arithmetic) and the
 supervised chat recipe on the repo's conversations file, two steps each, on a tiny model with
-the torch sampler. The full-size figures (SmolLM2) are in the README.
+the torch sampler. The full-size figures (SmolLM2) are in docs/server.md.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def server(tiny_model, tmp_path_factory):
     process = subprocess.Popen(
         [
             sys.executable, "-m", "rl.server", "--port", str(port), "--home", str(home),
-            "--models", tiny_model, "--sampler-engine", "torch", "--trainer-dtype", "float32",
-            "--trainer-threads", "1", "--sampler-threads", "1",
+            "--models", tiny_model, "--sampler.engine", "torch", "--trainer.dtype", "float32",
+            "--trainer.num_threads", "1", "--sampler.num_threads", "1",
         ],
         cwd=ROOT,
         stdout=log,

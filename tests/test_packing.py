@@ -115,7 +115,9 @@ def test_prefix_rows_give_the_padded_rows_numbers(tiny_model, tmp_path, loss):
         assert metrics_a[key] == pytest.approx(metrics_b[key], rel=1e-5, abs=1e-5)
         assert len(grads_a) == len(grads_b) > 0
         for a, b in zip(grads_a, grads_b, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+            # Each element sums over every token of the batch, in another order when packed:
+            # float32 noise of up to ~2e-4 of the largest element (seen on AMD EPYC hosts).
+            torch.testing.assert_close(a, b, atol=3e-4 * float(a.abs().max()), rtol=1e-4)
 
 
 def test_top_k_targets(tiny_model, tmp_path):

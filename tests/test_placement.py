@@ -92,39 +92,52 @@ def test_rl_train_and_sft_keys_reach_the_actor_configs(tmp_path):
     config = parse_config(
         Config,
         [
-            "trainer_resources=trainer_node=1",
-            "trainer_num_gpus=0.5",
-            "trainer_placement_strategy=SPREAD",
-            "trainer_gradient_checkpointing=true",
-            "sampler_resources=sampler_node=0.5",
-            "sampler_num_gpus=0.5",
-            "sampler_gpu_memory_utilization=0.4",
-            "sampler_tensor_parallel_size=1",
-            "sampler_dtype=bfloat16",
+            "trainer.resources=trainer_node=1",
+            "trainer.num_gpus=0.5",
+            "trainer.placement_strategy=SPREAD",
+            "trainer.gradient_checkpointing=true",
+            "sampler.resources_per_actor=sampler_node=0.5",
+            "sampler.num_gpus_per_actor=0.5",
+            "sampler.gpu_memory_utilization=0.4",
+            "sampler.tensor_parallel_size=1",
+            "sampler.dtype=bfloat16",
         ],
     )
-    trainer, sampler = config.trainer_config(), config.sampler_config()
+    trainer, sampler = config.actor_configs()
     assert sampler.dtype == "bfloat16"
     assert trainer.resources == {"trainer_node": 1.0} and trainer.num_gpus == 0.5
     assert trainer.placement_strategy == "SPREAD" and trainer.gradient_checkpointing
     assert sampler.resources_per_actor == {"sampler_node": 0.5}
     assert sampler.num_gpus_per_actor == 0.5 and sampler.gpu_memory_utilization == 0.4
-    with pytest.raises(InvalidRequestError, match="trainer_resources"):
-        parse_config(Config, ["trainer_resources=trainer_node"])
-    with pytest.raises(InvalidRequestError, match="sampler_dtype"):
-        parse_config(Config, ["sampler_dtype=float8"])
+    with pytest.raises(InvalidRequestError, match=r"trainer\.resources"):
+        parse_config(Config, ["trainer.resources=trainer_node"])
+    with pytest.raises(InvalidRequestError, match="dtype='float8'"):
+        parse_config(Config, ["sampler.dtype=float8"])
+    with pytest.raises(InvalidRequestError, match=r"'trainer_num_gpus' is now 'trainer\.num_gpus'"):
+        parse_config(Config, ["trainer_num_gpus=1"])
+    with pytest.raises(InvalidRequestError, match=r"unknown config key 'trainer\.gpus'"):
+        parse_config(Config, ["trainer.gpus=1"])
     with pytest.raises(InvalidRequestError, match="vLLM settings"):
-        parse_config(Config, ["sampler_engine=torch", "sleep_between_rollouts=true"])
+        parse_config(Config, ["sampler.engine=torch", "sampler.sleep_between_rollouts=true"])
 
     sft = parse_config(
         SFTConfig,
-        ["data=x.jsonl", "resources=trainer_node=2", "num_gpus=1", "gradient_checkpointing=1"],
+        [
+            "data=x.jsonl",
+            f"log_dir={tmp_path}",
+            "trainer.resources=trainer_node=2",
+            "trainer.num_gpus=1",
+            "trainer.gradient_checkpointing=1",
+        ],
     )
-    sft_trainer = sft.trainer_config(str(tmp_path))
+    sft_trainer = sft.trainer_config()
+    assert sft_trainer.checkpoint_dir == str((tmp_path / "checkpoints").resolve())
     assert sft_trainer.resources == {"trainer_node": 2.0} and sft_trainer.num_gpus == 1.0
     assert sft_trainer.gradient_checkpointing
     with pytest.raises(InvalidRequestError, match="whole number"):
-        parse_config(SFTConfig, ["data=x.jsonl", "num_gpus=1.5"])
+        parse_config(SFTConfig, ["data=x.jsonl", "trainer.num_gpus=1.5"])
+    with pytest.raises(InvalidRequestError, match=r"'num_gpus' is now 'trainer\.num_gpus'"):
+        parse_config(SFTConfig, ["data=x.jsonl", "num_gpus=1"])
 
 
 def test_server_keys_reach_the_service(ray_local, tmp_path):
@@ -135,20 +148,20 @@ def test_server_keys_reach_the_service(ray_local, tmp_path):
         ServerConfig,
         [
             f"home={tmp_path}",
-            "trainer_resources=trainer_node=1",
-            "trainer_num_gpus=0.5",
-            "sampler_resources=sampler_node=1",
-            "gpu_memory_utilization=0.5",
-            "tensor_parallel_size=2",
+            "trainer.resources=trainer_node=1",
+            "trainer.num_gpus=0.5",
+            "sampler.resources_per_actor=sampler_node=1",
+            "sampler.gpu_memory_utilization=0.5",
+            "sampler.tensor_parallel_size=2",
         ],
     )
     service = build_service(config)
     try:
         assert service.trainer_config.resources == {"trainer_node": 1.0}
         assert service.trainer_config.num_gpus == 0.5
-        assert service.sampler_config.resources_per_actor == {"sampler_node": 1.0}
-        assert service.sampler_config.gpu_memory_utilization == 0.5
-        assert service.sampler_config.tensor_parallel_size == 2
+        assert service.pools.config.resources_per_actor == {"sampler_node": 1.0}
+        assert service.pools.config.gpu_memory_utilization == 0.5
+        assert service.pools.config.tensor_parallel_size == 2
     finally:
         service.close()
 

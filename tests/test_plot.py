@@ -127,9 +127,9 @@ def test_tiny_rl_train_run_writes_curves_and_keeps_logs_in_files(
         "remove_constant_groups": False,
         "eval_every": 1,
         "save_every": 0,
-        "sampler_engine": "torch",
-        "sync_mode": "adapter",
-        "trainer_threads": 1,
+        "sampler.engine": "torch",
+        "sampler.sync_mode": "adapter",
+        "trainer.num_threads": 1,
         "log_dir": str(tmp_path),
     }
     main([f"{k}={v}" for k, v in args.items()], service=torch_service)

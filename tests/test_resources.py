@@ -101,7 +101,7 @@ def test_a_sampler_that_cannot_be_placed_is_a_clear_error(ray_local, tiny_model,
     try:
         with pytest.raises(ResourcesUnavailableError, match=r"sampler actor 0 of pool .*64\.0"):
             service.create_sampling_client(base_model=tiny_model)
-        assert service._sampler_pools == {} and _pending_groups() == 0
+        assert service.pools.started() == {} and _pending_groups() == 0
     finally:
         service.close()
 

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from rl.checkpoint_format import read_checkpoint
+from rl.cli import build_config
 from rl.errors import CheckpointError
 from rl.loop.metrics_log import read_metrics
 from rl.loop.run_dir import (
@@ -135,7 +136,7 @@ def sft_args(tiny_model: str, data: str, log_dir: Path, steps: int, save_every: 
         save_every=save_every,
         eval_every=0,
         max_length=64,
-        dtype="float32",
+        **{"trainer.dtype": "float32"},
     )
 
 
@@ -149,7 +150,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
     """In process: a copy of a finished run, rewound to its first checkpoint (as if it had
     crashed just after it, mid-append of the next record), reaches the same final state."""
     args = sft_args(tiny_model, chat_file, tmp_path / "a", steps=10, save_every=4)
-    reference = main(SFTConfig(**args), service=service)
+    reference = main(build_config(SFTConfig, args), service=service)
     ref = train_records(tmp_path / "a")
 
     run_dir = tmp_path / "b"
@@ -158,7 +159,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
     lines = path.read_text().splitlines()
     assert len(lines) == 3  # after 4, 8 and 10 steps
     path.write_text(lines[0] + "\n" + lines[1][:50])
-    resumed = main(SFTConfig(**{**args, "log_dir": str(run_dir)}), service=service)
+    resumed = main(build_config(SFTConfig, {**args, "log_dir": str(run_dir)}), service=service)
     assert resumed.resumed_from == 4 and resumed.final_step == reference.final_step == 10
     got = train_records(run_dir)
     assert [r["step"] for r in got] == list(range(10))
@@ -173,13 +174,13 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
 
 def test_resume_refuses_a_changed_config(service, tiny_model, chat_file, tmp_path):
     args = sft_args(tiny_model, chat_file, tmp_path / "run", steps=2, save_every=0)
-    main(SFTConfig(**args), service=service)
+    main(build_config(SFTConfig, args), service=service)
     before = (tmp_path / "run" / "config.json").read_text()
     with pytest.raises(CheckpointError, match="rank: 4 -> 8"):
-        main(SFTConfig(**{**args, "rank": 8}), service=service)
+        main(build_config(SFTConfig, {**args, "rank": 8}), service=service)
     other = write_chat_data(tmp_path / "other.jsonl", 24, 1)
     with pytest.raises(CheckpointError, match="data_sha256"):
-        main(SFTConfig(**{**args, "data": other}), service=service)
+        main(build_config(SFTConfig, {**args, "data": other}), service=service)
     assert (tmp_path / "run" / "config.json").read_text() == before
 
 
@@ -209,7 +210,7 @@ def stop_tree(proc: subprocess.Popen, descendants: list[psutil.Process]) -> None
 def test_kill_9_then_the_same_command_resumes(service, tiny_model, chat_file, tmp_path):
     steps, save_every = 16, 4
     args = sft_args(tiny_model, chat_file, tmp_path / "run", steps=steps, save_every=save_every)
-    args.update(num_threads=1, wandb_project="")
+    args.update({"trainer.num_threads": 1, "wandb_project": ""})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     records_path = tmp_path / "run" / "checkpoints.jsonl"
@@ -239,7 +240,7 @@ def test_kill_9_then_the_same_command_resumes(service, tiny_model, chat_file, tm
     assert killed_at is not None and killed_at.step < steps, "killed too late to test resuming"
 
     # The uninterrupted run, meanwhile, in this process.
-    main(SFTConfig(**{**args, "log_dir": str(tmp_path / "ref")}), service=service)
+    main(build_config(SFTConfig, {**args, "log_dir": str(tmp_path / "ref")}), service=service)
 
     rerun = subprocess.run(
         command(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300

@@ -16,7 +16,8 @@ import pytest
 from rl.cli import parse_config
 from rl.errors import InvalidRequestError
 from rl.loop.metrics_log import read_metrics
-from rl.loop.train import Config, batch_builders, build_datasets, builder_id, main
+from rl.loop.pipeline import batch_builders, builder_id
+from rl.loop.train import Config, build_datasets, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM_ENV = "examples.custom_env:build_datasets"
@@ -42,9 +43,9 @@ def tiny_args(tiny_model: str, log_dir: Path, **overrides: object) -> list[str]:
         "eval_every": 0,
         "save_every": 0,
         "log_samples": 2,
-        "sampler_engine": "torch",
-        "sync_mode": "adapter",  # one shared sampler actor for every test's training client
-        "trainer_threads": 1,
+        "sampler.engine": "torch",
+        "sampler.sync_mode": "adapter",  # one shared sampler actor for every test's training client
+        "trainer.num_threads": 1,
         "log_dir": str(log_dir),
         **overrides,
     }
@@ -181,17 +182,16 @@ def _run_script(script: str, timeout: float) -> None:
 def test_rays_processes_outlive_the_setup_threads(tiny_model, tmp_path):
     """rl.loop.train starts Ray while the datasets load in a thread: Ray's own processes (GCS,
     raylet) die with the thread that started them, so the main thread must start Ray."""
-    args = [a for a in tiny_args(tiny_model, tmp_path) if not a.startswith("sync_mode")]
+    args = [a for a in tiny_args(tiny_model, tmp_path) if not a.startswith("sampler.sync_mode")]
     script = f"""
 import sys, time
 from ray._private import worker
 from rl.cli import parse_config
-from rl.loop.train import Config, RLTrainer
-trainer = RLTrainer(parse_config(Config, {args!r}))
-trainer._setup()
+from rl.loop.train import Config, setup
+run, _ = setup(parse_config(Config, {args!r}), None)
 time.sleep(1)
 dead = [name for name, _ in worker._global_node.dead_processes()]
-trainer.service.close()
+run.service.close()
 print("dead:", dead)
 sys.exit(3 if dead else 0)
 """
@@ -219,7 +219,7 @@ sys.exit(3 if heavy else 0)
 def test_kill_9_then_resume_reaches_the_same_end_with_the_same_data(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
     args = tiny_args(tiny_model, run_dir, num_steps=5, save_every=1, log_samples=0)
-    args = [a for a in args if not a.startswith("sync_mode")]  # its own Ray: merged is fine
+    args = [a for a in args if not a.startswith("sampler.sync_mode")]  # its own Ray: merged is fine
     first = _run_train(args, tmp_path / "first.log")
     checkpoints = run_dir / "checkpoints.jsonl"
     deadline = time.monotonic() + 240
@@ -263,10 +263,14 @@ def test_kill_9_then_resume_reaches_the_same_end_with_the_same_data(tiny_model, 
 def test_end_to_end_with_the_vllm_engine(ray_local, vllm_tiny_model, tmp_path):
     pytest.importorskip("vllm")
     args = tiny_args(
-        vllm_tiny_model, tmp_path, num_steps=2, max_steps_off_policy=1, max_context=256
+        vllm_tiny_model,
+        tmp_path,
+        num_steps=2,
+        max_steps_off_policy=1,
+        **{"sampler.max_model_len": 256},
     )
-    args = [a for a in args if not a.startswith(("sampler_engine", "sync_mode"))]
-    trainer = main([*args, "sampler_engine=vllm", "enforce_eager=true"])
+    args = [a for a in args if not a.startswith(("sampler.engine", "sampler.sync_mode"))]
+    trainer = main([*args, "sampler.engine=vllm", "sampler.enforce_eager=true"])
     assert [s["step"] for s in trainer.history] == [0, 1]
     assert abs(trainer.history[0]["optim/kl_sample_train_v1"]) < 1e-2
     assert all(s["optim/num_datums"] == 12 for s in trainer.history)

@@ -78,7 +78,7 @@ def test_engine_vllm_on_an_unservable_model_fails_before_any_actor(ray_local, ti
     try:
         with pytest.raises(InvalidRequestError, match=r"engine=.vllm. cannot serve.*head size 16"):
             service.create_sampling_client(base_model=tiny_model)
-        assert service._sampler_pools == {}
+        assert service.pools.started() == {}
         assert len(placement_group_table()) == groups_before  # nothing was reserved or started
     finally:
         service.close()
@@ -94,7 +94,7 @@ def test_engine_auto_falls_back_to_torch_with_one_warning(ray_local, tiny_model,
             synced = training.save_weights_and_get_sampling_client()  # a second pool
         warnings = [r for r in caplog.records if "vLLM cannot serve" in r.getMessage()]
         assert len(warnings) == 1 and "head size 16" in warnings[0].getMessage()
-        assert client._pool.info is not None and client._pool.info.engine == "torch"
+        assert client.pool.info is not None and client.pool.info.engine == "torch"
         assert len(client.sample(PROMPT, 2, PARAMS).result().sequences) == 2
         assert len(synced.sample(PROMPT, 1, PARAMS).result().sequences) == 1
     finally:
@@ -130,7 +130,7 @@ def test_a_sampler_in_a_crash_loop_ends_the_call_with_its_own_error(
         client = service.create_sampling_client(base_model=str(model))
         assert len(client.sample(PROMPT, 1, PARAMS).result().sequences) == 1
         (model / "config.json").write_text("{ not json")
-        victim = client._pool.actor_handles()[0]
+        victim = client.pool.actor_handles()[0]
         ray.kill(victim, no_restart=False)  # Ray restarts it
         _wait_until_gone(victim)  # a kill is asynchronous: the old process could still answer
         with pytest.raises(SamplerUnavailableError) as error:

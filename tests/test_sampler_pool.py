@@ -6,20 +6,15 @@ tiny model (fast to start and restart); tests/test_sampler_vllm.py covers the vL
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import pytest
 import ray
 
-from rl.client.sampling import (
-    SamplingClient,
-    begin_sync,
-    finish_sync,
-    merged_pool,
-    push_and_verify,
-    shared_pool,
-)
+from rl.client import weight_sync
+from rl.client.sampling import SamplingClient
 from rl.errors import CheckpointError, InvalidRequestError, NotFoundError, WeightSyncError
 from rl.types import AdamParams, Datum, ModelInput, SamplingParams
 from samplers.config import SamplerConfig
@@ -82,7 +77,7 @@ def sampler_logprobs(client: SamplingClient, tokens: list[int]) -> list[float]:
 
 
 def test_many_concurrent_requests_spread(base_client):
-    pool = base_client._pool
+    pool = base_client.pool
     before = [ray.get(h.held.remote())["served"] for h in pool.actor_handles()]
     params = SamplingParams(max_tokens=4, seed=1)
     futures = [base_client.sample(PROMPT, 1, params) for _ in range(300)]
@@ -149,7 +144,7 @@ def test_two_adapters_served_at_once(sampling_service, tiny_model):
     train_step(clients[0], SEQUENCE)
     train_step(clients[1], list(reversed(SEQUENCE)))
     samplers = [c.save_weights_and_get_sampling_client(sync_mode="adapter") for c in clients]
-    assert samplers[0]._pool is samplers[1]._pool  # one engine serves both
+    assert samplers[0].pool is samplers[1].pool  # one engine serves both
     futures = [
         s.compute_logprobs(ModelInput.from_ints(SEQUENCE)) for s in samplers for _ in range(5)
     ]
@@ -165,42 +160,41 @@ def test_stale_sync_raises(sampling_service, tiny_model):
     """Pushing the pre-step weights as the new version is caught by the probe check."""
     training_client = sampling_service.create_lora_training_client(tiny_model, rank=8, seed=4)
     training_client.save_weights_and_get_sampling_client(sync_mode="merged")
-    stale = training_client._actor.merged_weights.remote(training_client.model_id)
+    stale = training_client.trainer_actor.merged_weights.remote(training_client.model_id)
     train_step(training_client, SEQUENCE, lr=1e-3)  # a small step
-    pool = merged_pool(sampling_service, tiny_model, training_client.model_id)
+    pending = training_client.begin_weight_sync("merged").result()
     with pytest.raises(WeightSyncError, match="previous weights"):
-        push_and_verify(training_client, pool, "merged", stale)
+        weight_sync.finish(dataclasses.replace(pending, source=stale))
     # The adapter path: an adapter from another training client is "wrong weights".
     other = sampling_service.create_lora_training_client(tiny_model, rank=8, seed=5)
     train_step(other, list(reversed(SEQUENCE)))
-    wrong = other._actor.adapter_weights.remote(other.model_id)
+    wrong = other.trainer_actor.adapter_weights.remote(other.model_id)
+    pending = training_client.begin_weight_sync("adapter").result()
     with pytest.raises(WeightSyncError):
-        push_and_verify(
-            training_client, shared_pool(sampling_service, tiny_model), "adapter", wrong
-        )
+        weight_sync.finish(dataclasses.replace(pending, source=wrong))
 
 
 def test_sync_takes_the_weights_at_its_place_in_the_queue(sampling_service, tiny_model):
-    """The trainer may go on while the samplers load a sync (`begin_sync` / `finish_sync`):
+    """The trainer may go on while the samplers load a sync (`begin_weight_sync` / `finish`):
     the samplers still get the weights as of the sync, and the check still passes."""
     training_client = sampling_service.create_lora_training_client(tiny_model, rank=8, seed=10)
     train_step(training_client, SEQUENCE)
-    pending = begin_sync(training_client, "merged").result()
+    pending = training_client.begin_weight_sync("merged").result()
     expected = trainer_logprobs(training_client, SEQUENCE)  # queued after the sync's export
     train_step(training_client, SEQUENCE)  # the trainer moves on before the samplers load
-    client = finish_sync(pending)
+    client = weight_sync.finish(pending)
     assert sampler_logprobs(client, SEQUENCE) == pytest.approx(expected, abs=1e-4)
     latest = trainer_logprobs(training_client, SEQUENCE)
     assert abs(sum(latest) - sum(expected)) > 1e-3
     # Syncs of one client finish in the order they began: the second waits for the first.
-    first = begin_sync(training_client, "merged").result()
-    second = begin_sync(training_client, "merged").result()
+    first = training_client.begin_weight_sync("merged").result()
+    second = training_client.begin_weight_sync("merged").result()
     finished: list[SamplingClient] = []
-    waiter = threading.Thread(target=lambda: finished.append(finish_sync(second)))
+    waiter = threading.Thread(target=lambda: finished.append(weight_sync.finish(second)))
     waiter.start()
     waiter.join(timeout=2.0)
     assert waiter.is_alive() and not finished
-    older = finish_sync(first)
+    older = weight_sync.finish(first)
     waiter.join(timeout=120)
     (newer,) = finished
     assert newer.weights.version > older.weights.version
@@ -222,13 +216,13 @@ def test_sample_from_saved_checkpoint(sampling_service, tiny_model):
 def test_old_versions_expire(sampling_service, tiny_model):
     training_client = sampling_service.create_lora_training_client(tiny_model, rank=8, seed=7)
     oldest = training_client.save_weights_and_get_sampling_client(sync_mode="adapter")
-    keep = sampling_service.sampler_config.max_versions_per_model
+    keep = sampling_service.pools.config.max_versions_per_model
     for _ in range(keep):
         latest = training_client.save_weights_and_get_sampling_client(sync_mode="adapter")
     with pytest.raises(NotFoundError, match="no longer loadable"):
         oldest.sample(PROMPT, 1, SamplingParams(max_tokens=2)).result()
     assert len(latest.sample(PROMPT, 1, SamplingParams(max_tokens=2)).result().sequences) == 1
-    held = [ray.get(h.held.remote())["adapters"] for h in latest._pool.actor_handles()]
+    held = [ray.get(h.held.remote())["adapters"] for h in latest.pool.actor_handles()]
     versions = [
         v
         for actor in held
@@ -242,7 +236,7 @@ def test_killed_actor_loses_no_request(sampling_service, tiny_model):
     training_client = sampling_service.create_lora_training_client(tiny_model, rank=8, seed=8)
     train_step(training_client, SEQUENCE)
     client = training_client.save_weights_and_get_sampling_client(sync_mode="adapter")
-    pool = client._pool
+    pool = client.pool
     params = [SamplingParams(max_tokens=24, seed=i) for i in range(40)]
     reference = {
         i: client.sample(PROMPT, 1, p).result().sequences[0].tokens
@@ -294,7 +288,7 @@ def test_old_version_serves_its_running_requests(sampling_service, tiny_model):
     params = [SamplingParams(max_tokens=32, seed=i) for i in range(120)]
     reference = [old.sample(PROMPT, 1, params[i]).result().sequences[0].tokens for i in range(4)]
     train_step(training_client, SEQUENCE)  # the old client still samples version 1
-    handles = old._pool.actor_handles()
+    handles = old.pool.actor_handles()
     deferred_before = sum(ray.get(h.held.remote())["deferred_unloads"] for h in handles)
     futures = [old.sample(PROMPT, 1, p) for p in params]
     new = training_client.save_weights_and_get_sampling_client(sync_mode="adapter")
@@ -305,7 +299,7 @@ def test_old_version_serves_its_running_requests(sampling_service, tiny_model):
     results = [f.result(timeout=120).sequences[0].tokens for f in futures]
     assert results[:4] == reference
     assert new.sample(PROMPT, 1, params[0]).result().sequences[0].tokens != reference[0]
-    held = [ray.get(h.held.remote())["adapters"] for h in new._pool.actor_handles()]
+    held = [ray.get(h.held.remote())["adapters"] for h in new.pool.actor_handles()]
     versions = {
         v for actor in held for v, (m, _, _) in actor.items() if m == training_client.model_id
     }

@@ -123,7 +123,7 @@ def test_bad_input_then_killed_actor(service, vllm_tiny_model):
     ]:
         with pytest.raises(InvalidRequestError):
             client.sample(prompt, num_samples, params)
-    pool = client._pool
+    pool = client.pool
     params = [SamplingParams(max_tokens=32, seed=i) for i in range(24)]
     reference = client.sample(PROMPT, 1, params[0]).result().sequences[0].tokens
     futures = [client.sample(PROMPT, 1, p) for p in params]

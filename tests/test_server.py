@@ -21,6 +21,8 @@ from tinker import types
 
 from rl.server import ServerConfig, build_service, start_in_thread
 from rl.server.keys import KeyStore
+from samplers.config import SamplerConfig
+from trainers.config import TrainerConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 CHUNK = 4  # datums per forward_backward request: a batch of 10 goes as 3 chunks
@@ -34,11 +36,8 @@ def server_env(ray_local, tiny_model, tmp_path_factory, monkeypatch_module):
         port=0,
         home=str(home),
         models=tiny_model,
-        sampler_engine="torch",
-        sync_mode="adapter",
-        trainer_dtype="float32",
-        trainer_threads=1,
-        sampler_threads=1,
+        sampler=SamplerConfig(engine="torch", sync_mode="adapter", num_threads=1),
+        trainer=TrainerConfig(dtype="float32", num_threads=1),
         long_poll_s=2.0,
         max_chunk_datums=CHUNK,
         max_body_mib=1.0,

@@ -22,6 +22,7 @@ from rl.loop.metrics_log import MetricsLogger, read_metrics, timed
 from rl.loop.run_dir import load_checkpoints, read_run_config
 from rl.loop.sft import DataOrder, SFTConfig, lr_multiplier, main, mean_per_token, read_chat_jsonl
 from rl.types import Datum, ModelInput, TensorData
+from trainers.config import TrainerConfig
 
 
 def write_chat_data(path: Path, n: int, seed: int) -> str:
@@ -240,7 +241,7 @@ def sft_config(
         eval_every=5,
         save_every=5,
         max_length=96,
-        dtype="float32",
+        trainer=TrainerConfig(dtype="float32"),
     )
     settings.update(overrides)
     return SFTConfig(**settings)  # type: ignore[arg-type]

@@ -112,8 +112,8 @@ def test_two_ranks_match_one(one, two, tiny_model):
         assert norm_b == pytest.approx(norm_a, rel=RTOL)
     assert_close(logprobs(a), logprobs(b))
     # The merged export gathers the sharded base weights whole.
-    merged_a = ray_get(a._actor.merged_weights.remote(a.model_id))
-    merged_b = ray_get(b._actor.merged_weights.remote(b.model_id))
+    merged_a = ray_get(a.trainer_actor.merged_weights.remote(a.model_id))
+    merged_b = ray_get(b.trainer_actor.merged_weights.remote(b.model_id))
     assert merged_a.keys() == merged_b.keys()
     for key, value in merged_a.items():
         torch.testing.assert_close(merged_b[key], value, rtol=RTOL, atol=ATOL)
@@ -180,7 +180,7 @@ def test_bad_input_fails_alike(one, two, tiny_model, case):
         errors.append(str(error.value))
         after.append(logprobs(client))
         norms.append(step(client, 7)[1])
-        assert service._hosts[tiny_model].generation == 0  # no restart
+        assert service.hosts[tiny_model].generation == 0  # no restart
     assert errors[0] == errors[1]
     assert_close(after[0], before[0])
     assert_close(after[1], before[1])
@@ -226,7 +226,7 @@ def test_a_dead_rank_is_named_and_the_group_rebuilt(two, tiny_model):
     changed_logprobs = logprobs(changed)
     step(changed, 10)  # lost in the restart
 
-    host = two._hosts[tiny_model]
+    host = two.hosts[tiny_model]
     old_ranks = list(host.ranks)
     pending = changed.forward_backward(batch(11, 9), "cross_entropy")
     ray.kill(old_ranks[1])  # mid-call, or just before it: the same outcome

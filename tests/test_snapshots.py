@@ -87,5 +87,5 @@ def test_an_old_sampling_client_keeps_its_weights(service, tiny_model, mode):
     assert logprobs(second) != pytest.approx(logprobs(third), abs=1e-3)
     assert logprobs(third) == pytest.approx(trainer_logprobs(training_client), abs=1e-4)
     if mode == "merged":  # the merged pool holds the third; the first is on the LoRA pool
-        assert first._snapshot is not None and first._snapshot.weights is not None
-        assert third._snapshot is not None and third._snapshot.weights is None
+        assert first.backup is not None and first.backup.weights is not None
+        assert third.backup is not None and third.backup.weights is None

@@ -56,13 +56,13 @@ def test_clients_survive_a_trainer_death(service, tiny_model):
     step(unsaved)
     step(unsaved)
 
-    old_actor = saved._actor
+    old_actor = saved.trainer_actor
     ray.kill(old_actor)  # as a SIGKILL or an out-of-memory kill would
     began = time.perf_counter()
     # Nothing changed since its save: the call goes on, on the restored state.
     assert logprobs(saved) == pytest.approx(saved_logprobs, abs=1e-6)
     print(f"restart + restore: {time.perf_counter() - began:.1f}s")
-    assert saved._actor is not old_actor and unsaved._actor is saved._actor
+    assert saved.trainer_actor is not old_actor and unsaved.trainer_actor is saved.trainer_actor
 
     # Two steps since its restore point (its initial adapter) are lost: one clear error...
     with pytest.raises(TrainerRestartedError) as error:
@@ -82,7 +82,7 @@ def test_calls_queued_before_a_lost_restart_all_raise(service, tiny_model):
     """A pipelined forward_backward + optim_step must not step on half a gradient."""
     client = service.create_lora_training_client(tiny_model, rank=4, seed=3)
     step(client)  # changes state; nothing saved
-    ray.kill(client._actor)
+    ray.kill(client.trainer_actor)
     backward = client.forward_backward([DATUM], "cross_entropy")
     optim = client.optim_step(AdamParams(learning_rate=3e-2))
     with pytest.raises(TrainerRestartedError):
@@ -96,7 +96,7 @@ def test_sync_after_a_trainer_death(service, tiny_model):
     client = service.create_lora_training_client(tiny_model, rank=4, seed=4)
     step(client)
     client.save_state("saved").result()
-    ray.kill(client._actor)
+    ray.kill(client.trainer_actor)
     sampler = client.save_weights_and_get_sampling_client()
     lps = sampler.compute_logprobs(ModelInput.from_ints(SEQUENCE)).result()[1:]
     assert [float(x) for x in lps] == pytest.approx(logprobs(client), abs=1e-4)

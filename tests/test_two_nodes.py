@@ -37,18 +37,18 @@ DRIVER = textwrap.dedent(
     import json, sys
     import ray
     from rl.cli import parse_config
-    from rl.loop.train import Config, main, make_service
+    from rl.loop.train import Config, main, service_for
 
     args = sys.argv[1:]
-    service = make_service(parse_config(Config, args))
+    service = service_for(parse_config(Config, args))
     trainer = main(args, service=service)
 
     def node_of(handle):
         return ray.get(handle.__ray_call__.remote(
             lambda _: ray.get_runtime_context().get_node_id()))
 
-    (host,) = service._hosts.values()
-    samplers = [h for pool in service._sampler_pools.values() for h in pool.actor_handles()]
+    (host,) = service.hosts.values()
+    samplers = [h for pool in service.pools.started().values() for h in pool.actor_handles()]
     result = {
         "history": trainer.history,
         "trainer_node": node_of(host.handle),
@@ -216,12 +216,12 @@ def test_rl_loop_with_trainer_and_samplers_on_two_nodes(two_nodes, tiny_model, t
         "remove_constant_groups": False,
         "eval_every": 0,
         "save_every": 0,
-        "sampler_engine": "torch",
-        "trainer_threads": 1,
-        "sampler_threads": 1,
-        "trainer_dtype": "float32",
-        "trainer_resources": "trainer_node=1",
-        "sampler_resources": "sampler_node=0.5",
+        "sampler.engine": "torch",
+        "trainer.num_threads": 1,
+        "sampler.num_threads": 1,
+        "trainer.dtype": "float32",
+        "trainer.resources": "trainer_node=1",
+        "sampler.resources_per_actor": "sampler_node=0.5",
         "log_dir": str(tmp_path / "run"),
     }
     done = subprocess.run(

@@ -124,3 +124,32 @@ def test_public_api_signatures_are_pinned():
     )
     for name in ("forward_async", "forward_backward_async", "optim_step_async", "save_state_async"):
         assert inspect.iscoroutinefunction(getattr(rl.TrainingClient, name))
+
+
+def test_the_public_client_methods_are_typed():
+    """No `Any` in the signature of a public method of the three clients: mypy checks what
+    users call (a Ray actor handle is `ActorHandle`; Tinker arguments we ignore are `object`)."""
+    import inspect
+    import typing
+
+    import transformers
+
+    import rl
+
+    tokenizer_type = {"PreTrainedTokenizerBase": transformers.PreTrainedTokenizerBase}
+
+    def mentions_any(hint: object) -> bool:
+        return hint is typing.Any or any(mentions_any(a) for a in typing.get_args(hint))
+
+    for cls in (rl.ServiceClient, rl.TrainingClient, rl.SamplingClient):
+        for name in dir(cls):
+            member = getattr(cls, name)
+            if name.startswith("_") or not callable(member):
+                continue
+            # The tokenizer type is imported for type checking only (transformers is slow to
+            # import and the driver needs it only on first use).
+            hints = typing.get_type_hints(member, localns=tokenizer_type)
+            untyped = [k for k, v in hints.items() if mentions_any(v)]
+            assert not untyped, f"{cls.__name__}.{name}: {untyped} typed Any"
+            params = [p for p in inspect.signature(member).parameters if p != "self"]
+            assert set(params) <= set(hints), f"{cls.__name__}.{name} has unannotated parameters"

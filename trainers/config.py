@@ -1,4 +1,5 @@
-"""The trainer's slice of configuration: one flat record, every field documented."""
+"""The trainer's config: one record, every field documented under it. Entry points hold it as
+their `trainer` sub-config (`trainer.num_gpus=1` on a command line)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class TrainerConfig:
     num_gpus: float | None = None
     """GPUs the trainer actor reserves in Ray. None: 1 when it runs on a GPU (device "cuda",
     or "auto" in a cluster with GPUs), else 0. A fraction (e.g. 0.5) shares one GPU with a
-    colocated vLLM sampler (README, "Placement"); above 1, whole GPUs only."""
+    colocated vLLM sampler (docs/cluster.md); above 1, whole GPUs only."""
 
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources the trainer actor reserves, e.g. {"trainer_node": 1} pins it to

@@ -41,10 +41,10 @@ DEATH_NOTICE_S = 10.0
 
 
 class LeadRank:
-    """Rank 0: its own engine, the other ranks' actors, and the trainer's public methods."""
+    """Rank 0: its own LoraTrainer, the other ranks' actors, and the trainer's public methods."""
 
     def __init__(self, base_model: str, config: TrainerConfig):
-        self._engine = LoraTrainer(base_model, config)
+        self._trainer = LoraTrainer(base_model, config)
         self._peers: list[Any] = []  # ranks 1.. in order
 
     def rendezvous_address(self) -> str:
@@ -56,7 +56,7 @@ class LeadRank:
 
     def join_group(self, spec: GroupSpec, peers: list[Any]) -> None:
         self._peers = list(peers)
-        self._engine.join_group(spec)
+        self._trainer.join_group(spec)
 
     # -- on every rank ---------------------------------------------------------------------
 
@@ -89,7 +89,7 @@ class LeadRank:
     def memory_stats(self) -> dict[str, float]:
         """Rank 0's peak resident memory, and the sum over the ranks (MiB)."""
         peers = ray.get([peer.call.remote("memory_stats") for peer in self._peers])
-        own = self._engine.memory_stats()["peak_rss_mib"]
+        own = self._trainer.memory_stats()["peak_rss_mib"]
         return {
             "peak_rss_mib": own,
             "peak_rss_mib_all_ranks": own + sum(p["peak_rss_mib"] for p in peers),
@@ -98,26 +98,26 @@ class LeadRank:
     # -- on rank 0 alone (every rank holds the same adapters) -------------------------------
 
     def get_info(self, *args: Any) -> Any:
-        return self._engine.get_info(*args)
+        return self._trainer.get_info(*args)
 
     def base_model_path(self) -> str:
-        return self._engine.base_model_path()
+        return self._trainer.base_model_path()
 
     def save_state(self, *args: Any) -> Any:
-        return self._engine.save_state(*args)
+        return self._trainer.save_state(*args)
 
     def save_weights_for_sampler(self, *args: Any) -> Any:
-        return self._engine.save_weights_for_sampler(*args)
+        return self._trainer.save_weights_for_sampler(*args)
 
     def adapter_weights(self, *args: Any) -> Any:
-        return self._engine.adapter_weights(*args)
+        return self._trainer.adapter_weights(*args)
 
     # -- internals ---------------------------------------------------------------------------
 
     def _on_all(self, method: str, *args: Any) -> Any:
         refs = [peer.call.remote(method, *args) for peer in self._peers]
         try:
-            result = getattr(self._engine, method)(*args)
+            result = getattr(self._trainer, method)(*args)
         except BaseException as error:
             self._check_ranks(method, refs, error)
             raise
@@ -151,14 +151,14 @@ class LeadRank:
 
 
 class PeerRank:
-    """Ranks 1..: an engine that rank 0 calls by method name."""
+    """Ranks 1..: a LoraTrainer that rank 0 calls by method name."""
 
     def __init__(self, base_model: str, config: TrainerConfig):
-        self._engine = LoraTrainer(base_model, config)
+        self._trainer = LoraTrainer(base_model, config)
 
     def call(self, method: str, *args: Any) -> Any:
         try:
-            return getattr(self._engine, method)(*args)
+            return getattr(self._trainer, method)(*args)
         except EngineRoomError:  # a rejected request: every rank rejects it alike
             raise
         except BaseException:  # the other ranks may wait for this one in a collective

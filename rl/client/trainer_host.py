@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import ray
 
@@ -31,10 +31,13 @@ from rl.placement import Reservation
 from trainers.actor import reserve_trainer, start_trainer
 from trainers.config import TrainerConfig
 
-if TYPE_CHECKING:
-    from rl.client.training import TrainingClient
-
 logger = logging.getLogger(__name__)
+
+
+class Restorable(Protocol):
+    """A client the host restores on a restarted trainer (rl/client/training.py)."""
+
+    def restore_on(self, actor: Any) -> None: ...
 
 
 class TrainerHost:
@@ -52,7 +55,7 @@ class TrainerHost:
         self.generation = 0  # restarts so far
         self.last_failure = ""  # which rank died, as the last restart was told
         self.restart_seconds: list[float] = []  # how long each restart + restore took
-        self.clients: list[TrainingClient] = []
+        self.clients: list[Restorable] = []
         self._lock = threading.Lock()
 
     @property
@@ -79,7 +82,7 @@ class TrainerHost:
             self.ranks = start_trainer(self.base_model, self.config, self.reservations)
             ray_get(self.handle.base_model_path.remote())
             for client in self.clients:
-                client._restore_on(self.handle)
+                client.restore_on(self.handle)
             self.generation += 1
             self.restart_seconds.append(time.perf_counter() - began)
             logger.warning(

@@ -5,6 +5,11 @@ execute in submission order: submit `forward_backward` and `optim_step` back to 
 once. `*_async` methods return the same future from a coroutine (Tinker's double await).
 Errors do not poison the client: a rejected call changes nothing, and the next call proceeds.
 
+Weight sync: `save_weights_and_get_sampling_client` pushes the weights as they are after the
+client's earlier calls to the samplers and checks them there (rl/client/weight_sync.py);
+`begin_weight_sync` runs only the trainer half in the queue, so later calls need not wait for
+the samplers to load.
+
 Trainer death: the client keeps a restore point (its last `save_state`, the checkpoint it was
 loaded from, or its initial adapter) and the calls that changed its state since. When the
 trainer actor dies, it is restarted and every client it hosted restored to its restore point
@@ -22,8 +27,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from ray.actor import ActorHandle
 
-from rl.client.trainer_host import is_trainer_death
+from rl.checkpoint_format import read_checkpoint
+from rl.client import weight_sync
+from rl.client.pools import SamplerPools
+from rl.client.sampling import SamplingClient
+from rl.client.trainer_host import TrainerHost, is_trainer_death
+from rl.client.weight_sync import PendingSync
 from rl.errors import InvalidRequestError, TrainerRestartedError
 from rl.futures import APIFuture, OrderedQueue, Turns, ray_get
 from rl.types import (
@@ -39,7 +50,7 @@ from rl.types import (
 )
 
 if TYPE_CHECKING:
-    from rl.client.service import ServiceClient
+    from transformers import PreTrainedTokenizerBase
 
 CustomLossFn = Callable[[list[Datum], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 # (kind, what, with_optimizer): ("create", LoraConfig, False) or ("state", checkpoint path, ...)
@@ -50,20 +61,17 @@ _CHANGES_STATE = ("forward_backward", "forward_backward_custom", "optim_step")
 class TrainingClient:
     def __init__(
         self,
-        service: ServiceClient,
-        actor: Any,
+        host: TrainerHost,
+        pools: SamplerPools,
         model_id: str,
-        base_model: str,
         info: GetInfoResponse,
         *,
         restore_point: RestorePoint | None = None,
     ):
-        self.service = service
         self.model_id = model_id
-        self.base_model = base_model
-        self._fixed_actor = actor
-        # The host restarts the trainer if it dies (None: a client built by hand, no restarts).
-        self._host = getattr(service, "_hosts", {}).get(base_model)
+        self.base_model = host.base_model
+        self._host = host  # restarts the trainer if it dies
+        self._pools = pools
         self._info = info
         self._restore_point: RestorePoint = restore_point or ("create", info.lora_config, False)
         self._since_save: list[str] = []  # calls that changed the state since the restore point
@@ -129,27 +137,57 @@ class TrainingClient:
     def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
         return self._call("load_state", str(path), True)
 
-    @property
-    def _actor(self) -> Any:
-        """The trainer actor now hosting this client (a new one after a restart)."""
-        return self._host.handle if self._host is not None else self._fixed_actor
-
     def save_weights_for_sampler(self, name: str) -> APIFuture[SaveWeightsForSamplerResponse]:
         """Saves the adapter in standard PEFT format (loadable by peft and vLLM)."""
         return self._call("save_weights_for_sampler", name)
 
-    def save_weights_and_get_sampling_client(self, name: str | None = None, **kwargs: Any) -> Any:
-        """Pushes the current weights to the samplers and returns a client that samples them."""
-        from rl.client.sampling import sampling_client_from_trainer
+    def save_weights_and_get_sampling_client(
+        self,
+        name: str | None = None,
+        retry_config: object = None,
+        *,
+        sync_mode: str | None = None,
+    ) -> SamplingClient:
+        """Pushes the current weights to the samplers, checks them there, and returns a client
+        that samples them. Blocks until they are verified. `name` and `retry_config` are
+        accepted for Tinker compatibility and unused (the weights are not saved; the sampler
+        pool retries by itself)."""
+        return weight_sync.finish(self.begin_weight_sync(sync_mode).result())
 
-        return sampling_client_from_trainer(self, name=name, **kwargs)
+    def begin_weight_sync(self, sync_mode: str | None = None) -> APIFuture[PendingSync]:
+        """The trainer half of a weight sync, queued after this client's earlier calls; the
+        future resolves once the trainer has the export queued, before any later call runs.
+        Pass the result to `rl.client.weight_sync.finish`; later syncs wait for it."""
+
+        def begin(actor: Any) -> PendingSync:
+            return weight_sync.begin(
+                actor,
+                model_id=self.model_id,
+                base_model=self.base_model,
+                lora_rank=self._info.lora_rank,
+                trainer_config=self._host.config,
+                pools=self._pools,
+                sync_mode=sync_mode,
+                turns=self._sync_turns,
+            )
+
+        return self._guarded("weight sync", begin)
+
+    @property
+    def trainer_actor(self) -> ActorHandle:
+        """The trainer actor now hosting this client (a new one after a restart)."""
+        return self._host.handle
+
+    def close(self) -> None:
+        """Drops the calls still queued; the adapter stays on the trainer until it stops."""
+        self._queue.close()
 
     # -- info --------------------------------------------------------------------------------
 
     def get_info(self) -> GetInfoResponse:
         return self._info
 
-    def get_tokenizer(self) -> Any:
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -158,38 +196,57 @@ class TrainingClient:
 
     # -- async variants (Tinker's double await: the coroutine gives the future) ---------------
 
-    async def forward_async(self, *args: Any, **kwargs: Any) -> APIFuture[ForwardBackwardOutput]:
-        return self.forward(*args, **kwargs)
+    async def forward_async(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, float] | None = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward(data, loss_fn, loss_fn_config)
 
     async def forward_backward_async(
-        self, *args: Any, **kwargs: Any
+        self, data: Sequence[Datum], loss_fn: str, loss_fn_config: dict[str, float] | None = None
     ) -> APIFuture[ForwardBackwardOutput]:
-        return self.forward_backward(*args, **kwargs)
+        return self.forward_backward(data, loss_fn, loss_fn_config)
 
     async def forward_backward_custom_async(
-        self, *args: Any, **kwargs: Any
+        self, data: Sequence[Datum], loss_fn: CustomLossFn
     ) -> APIFuture[ForwardBackwardOutput]:
-        return self.forward_backward_custom(*args, **kwargs)
+        return self.forward_backward_custom(data, loss_fn)
 
-    async def optim_step_async(self, *args: Any, **kwargs: Any) -> APIFuture[OptimStepResponse]:
-        return self.optim_step(*args, **kwargs)
+    async def optim_step_async(
+        self, adam_params: AdamParams | None = None
+    ) -> APIFuture[OptimStepResponse]:
+        return self.optim_step(adam_params)
 
-    async def save_state_async(self, *args: Any, **kwargs: Any) -> APIFuture[SaveWeightsResponse]:
-        return self.save_state(*args, **kwargs)
+    async def save_state_async(
+        self, name: str, overwrite: bool = False
+    ) -> APIFuture[SaveWeightsResponse]:
+        return self.save_state(name, overwrite)
+
+    async def load_state_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state(path)
+
+    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state_with_optimizer(path)
 
     async def save_weights_for_sampler_async(
-        self, *args: Any, **kwargs: Any
+        self, name: str
     ) -> APIFuture[SaveWeightsForSamplerResponse]:
-        return self.save_weights_for_sampler(*args, **kwargs)
+        return self.save_weights_for_sampler(name)
 
-    async def save_weights_and_get_sampling_client_async(self, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, *args, **kwargs)
+    async def save_weights_and_get_sampling_client_async(
+        self,
+        name: str | None = None,
+        retry_config: object = None,
+        *,
+        sync_mode: str | None = None,
+    ) -> SamplingClient:
+        return await asyncio.to_thread(
+            self.save_weights_and_get_sampling_client, name, retry_config, sync_mode=sync_mode
+        )
 
     # -- internals ---------------------------------------------------------------------------
-
-    def _run_in_order(self, fn: Callable[[], Any]) -> APIFuture[Any]:
-        """Runs `fn` in this client's queue, after every call submitted before it."""
-        return self._guarded("weight sync", lambda actor: fn())
 
     def _call(self, method: str, *args: Any) -> APIFuture[Any]:
         def call(actor: Any) -> Any:
@@ -210,16 +267,16 @@ class TrainingClient:
         host = self._host
         for attempt in range(2):
             self._raise_if_lost(epoch)
-            actor, generation = host.current() if host is not None else (self._fixed_actor, 0)
+            actor, generation = host.current()
             try:
                 result = fn(actor)
             except BaseException as error:
-                if host is None or attempt or not is_trainer_death(error):
+                if attempt or not is_trainer_death(error):
                     raise
                 host.restart(generation, error)
                 continue  # runs again on the restored state, unless calls were lost
             with self._state_lock:
-                if host is not None and host.generation != generation and name in _CHANGES_STATE:
+                if host.generation != generation and name in _CHANGES_STATE:
                     # It ran on the old actor, which died right after: its effect is gone.
                     self._lose([name])
                     self._delivered = True
@@ -257,15 +314,13 @@ class TrainingClient:
         kind, path, with_optimizer = self._restore_point
         step = 0
         if kind == "state" and with_optimizer:
-            from rl.checkpoint_format import read_checkpoint
-
             step = read_checkpoint(path, with_optimizer=False).meta.step
         self._epoch += 1
-        cause = self._host.last_failure if self._host is not None else ""
+        cause = self._host.last_failure
         self._restarted = TrainerRestartedError(self.model_id, step, lost, cause)
         self._delivered = False
 
-    def _restore_on(self, actor: Any) -> None:
+    def restore_on(self, actor: ActorHandle) -> None:
         """Recreates this client on a restarted trainer `actor`, at its restore point."""
         kind, what, with_optimizer = self._restore_point
         if kind == "create":

@@ -15,22 +15,15 @@ divided by the group's standard deviation (Dr. GRPO argues against; tinker-cookb
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from envs.base import EnvError, Trajectory, TrajectoryGroup
+from rl.client.sampling import SamplingClient
 from rl.errors import InvalidRequestError
 from rl.types import Datum, ModelInput, TensorData, to_tensor_data
-
-
-def check_observation_fits(tokens: Sequence[int], max_context: int, max_tokens: int = 0) -> None:
-    """Raises if an observation plus `max_tokens` sampled tokens exceeds `max_context`."""
-    if len(tokens) + max_tokens > max_context:
-        raise InvalidRequestError(
-            f"observation of {len(tokens)} tokens + max_tokens={max_tokens} exceeds the "
-            f"context of {max_context} tokens"
-        )
 
 
 def total_rewards(group: TrajectoryGroup, where: str = "group") -> list[float]:
@@ -198,37 +191,40 @@ def supervised_datum(tokens: Sequence[int], weights: Sequence[float]) -> Datum:
     )
 
 
-def rollout_metrics(groups: Sequence[TrajectoryGroup]) -> dict[str, float]:
-    """`env/...` metrics of a batch: rewards, episode shape, and the envs' own step metrics."""
-    rewards = [r for g, group in enumerate(groups) for r in total_rewards(group, f"group {g}")]
-    trajectories = [t for group in groups for t in group.trajectories]
-    transitions = [tr for t in trajectories for tr in t.transitions]
-    metrics: dict[str, float] = {
-        "env/num_groups": float(len(groups)),
-        "env/num_trajectories": float(len(trajectories)),
-        "env/rollout_errors": float(sum(group.rollout_errors for group in groups)),
-    }
-    if rewards:
-        mean = sum(rewards) / len(rewards)
-        metrics["env/reward_mean"] = mean
-        metrics["env/reward_std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
-        constant = sum(1 for g in groups if len(set(total_rewards(g))) == 1)
-        metrics["env/frac_constant_groups"] = constant / len(groups)
-        metrics["env/turns_mean"] = len(transitions) / len(trajectories)
-    if transitions:
-        action_tokens = sum(len(t.action_tokens) for t in transitions)
-        metrics["env/action_tokens_mean"] = action_tokens / len(transitions)
-        truncated = sum(t.stop_reason == "length" for t in transitions)
-        metrics["env/frac_truncated"] = truncated / len(transitions)
-    # The envs' own metrics (e.g. `correct`, `format`), averaged over the turns that report them,
-    # and the group-level metrics from `compute_group_rewards`.
-    sums: dict[str, list[float]] = {}
-    for tr in transitions:
-        for key, value in tr.metrics.items():
-            sums.setdefault(f"env/{key}", []).append(value)
-    for group in groups:
-        for group_metrics in group.metrics:
-            for key, value in group_metrics.items():
-                sums.setdefault(f"env/group/{key}", []).append(value)
-    metrics.update({key: sum(values) / len(values) for key, values in sums.items()})
-    return metrics
+async def add_kl_penalty(
+    datums: list[Datum], base_client: SamplingClient, coef: float
+) -> dict[str, float]:
+    """advantages += coef * (mean d - d) on sampled tokens, d = sampler - base logprob.
+
+    As tinker-cookbook's `incorporate_kl_penalty`: the base model's logprobs of each whole
+    sequence come from a base-model sampling client (`compute_logprobs`), and the mean is
+    over every sampled token of the batch.
+    """
+    sequences = [
+        [*d.model_input.to_ints(), int(d.loss_fn_inputs["target_tokens"].tolist()[-1])]
+        for d in datums
+    ]
+    base_D = await asyncio.gather(
+        *(base_client.compute_logprobs(ModelInput.from_ints(s)) for s in sequences)
+    )
+    diffs_D: list[list[float]] = []  # per target position; 0 off the sampled tokens
+    for datum, base in zip(datums, base_D, strict=True):
+        weights = datum.loss_fn_inputs["weights"].tolist()
+        sampler = datum.loss_fn_inputs["logprobs"].tolist()
+        reference = [0.0 if lp is None else lp for lp in base[1:]]
+        diffs_D.append(
+            [q - r if w > 0 else 0.0 for q, r, w in zip(sampler, reference, weights, strict=True)]
+        )
+    counted = sum(float(w > 0) for d in datums for w in d.loss_fn_inputs["weights"].tolist())
+    mean = sum(sum(diffs) for diffs in diffs_D) / max(counted, 1.0)
+    for datum, diffs in zip(datums, diffs_D, strict=True):
+        weights = datum.loss_fn_inputs["weights"].tolist()
+        advantages = datum.loss_fn_inputs["advantages"].tolist()
+        datum.loss_fn_inputs["advantages"] = to_tensor_data(
+            [
+                a + coef * (mean - d) if w > 0 else a
+                for a, d, w in zip(advantages, diffs, weights, strict=True)
+            ],
+            "advantages",
+        )
+    return {"kl/sampler_base": mean}

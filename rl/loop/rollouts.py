@@ -37,7 +37,6 @@ from envs.base import (
     Transition,
 )
 from rl.errors import InvalidRequestError
-from rl.loop.datums import check_observation_fits
 from rl.types import ModelInput, SampledSequence, SamplingParams
 
 ErrorPolicy = Literal["fail", "retry", "drop"]
@@ -289,3 +288,12 @@ def _logprobs(sequence: SampledSequence) -> list[float]:
     if not all(math.isfinite(lp) for lp in logprobs):
         raise _Failed(RuntimeError("the sampler returned a non-finite logprob"))
     return list(logprobs)
+
+
+def check_observation_fits(tokens: Sequence[int], max_context: int, max_tokens: int = 0) -> None:
+    """Raises if an observation plus `max_tokens` sampled tokens exceeds `max_context`."""
+    if len(tokens) + max_tokens > max_context:
+        raise InvalidRequestError(
+            f"observation of {len(tokens)} tokens + max_tokens={max_tokens} exceeds the "
+            f"context of {max_context} tokens"
+        )

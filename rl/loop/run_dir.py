@@ -6,7 +6,8 @@
 
 As tinker-cookbook's `checkpoint_utils`: a save is `TrainingClient.save_state` (written
 atomically by the trainer) and then a record appended to checkpoints.jsonl and fsync'd, so a
-record only ever names a complete state. On restart, `start_run` checks that the new config
+record only ever names a complete state. The loops append it after the metrics of the steps
+it covers are logged, so a resumed run's metrics.jsonl has every step. On restart, `start_run` checks that the new config
 is compatible with config.json and returns the last record: the loop reloads weights and
 optimizer with `ServiceClient.create_training_client_from_state_with_optimizer(state_path)` and
 its own position from `loop_state` (data position, serialised RNG state, anything else).
@@ -25,11 +26,15 @@ import shutil
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rl.errors import CheckpointError, InvalidRequestError
+from rl.console import warn
+from rl.errors import CheckpointError, InvalidRequestError, TrainerRestartedError
+
+if TYPE_CHECKING:
+    from rl.client.training import TrainingClient
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
@@ -130,31 +135,15 @@ def check_run_config(
 # -- checkpoint records ------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    client: Any,
-    run_dir: str | os.PathLike[str],
-    name: str,
-    step: int,
-    loop_state: Mapping[str, Any],
-    *,
-    for_sampler: bool = False,
+def save_state(
+    client: TrainingClient, name: str, step: int, loop_state: Mapping[str, Any]
 ) -> CheckpointRecord:
-    """Saves the client's state (and sampler weights if asked), then appends its record.
-
-    Blocks until the save is on disk. A loop that pipelines can submit `save_state` itself
-    and call `append_checkpoint` once the future resolves.
-    """
-    state = client.save_state(name, overwrite=True)
-    sampler = client.save_weights_for_sampler(name) if for_sampler else None
-    record = CheckpointRecord(
-        name=name,
-        step=step,
-        state_path=state.result().path,
-        sampler_path=sampler.result().path if sampler is not None else None,
-        loop_state=dict(loop_state),
-    )
-    append_checkpoint(run_dir, record)
-    return record
+    """Saves the client's state (weights, optimizer, step) and returns its record, which the
+    loop appends (`append_checkpoint`) once it has logged the metrics of the steps before it:
+    a run resumed from a record then finds every earlier step in metrics.jsonl. Blocks until
+    the state is on disk."""
+    path = client.save_state(name, overwrite=True).result().path
+    return CheckpointRecord(name=name, step=step, state_path=path, loop_state=dict(loop_state))
 
 
 def append_checkpoint(run_dir: str | os.PathLike[str], record: CheckpointRecord) -> None:
@@ -193,6 +182,22 @@ def last_checkpoint(run_dir: str | os.PathLike[str]) -> CheckpointRecord | None:
     """The newest complete record, or None if the run has saved nothing yet."""
     records = load_checkpoints(run_dir)
     return records[-1] if records else None
+
+
+def resume_after_restart(
+    client: TrainingClient, run_dir: str | os.PathLike[str], error: TrainerRestartedError
+) -> CheckpointRecord | None:
+    """After the trainer died and steps were lost (`error`): loads the run's last checkpoint
+    into `client` (weights, optimizer, step) and returns its record, from which the loop takes
+    its own position, as a new process would resume; None: nothing was saved, start over.
+
+    The client was restored to its last save by the restart already; loading the record's state
+    also covers a save that finished on the trainer but died before its record was written."""
+    record = last_checkpoint(run_dir)
+    if record is not None:
+        client.load_state_with_optimizer(record.state_path).result()
+    warn(f"{error} Resuming at step {record.step if record is not None else 0}.")
+    return record
 
 
 # -- RNG state ---------------------------------------------------------------------------------

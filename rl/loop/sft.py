@@ -44,10 +44,12 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from rl.cli import doc, parse_config
-from rl.console import echo, link_ray_logs, route_logs, warn
+from rl.cli import flat_dict, parse_config
+from rl.client.service import ServiceClient, make_service
+from rl.client.training import TrainingClient
+from rl.console import echo, link_ray_logs, route_logs
 from rl.errors import (
     CheckpointError,
     EngineRoomError,
@@ -61,13 +63,21 @@ from rl.loop.run_dir import (
     CheckpointRecord,
     append_checkpoint,
     checkpoint_root,
-    last_checkpoint,
+    resume_after_restart,
     rng_from_json,
     rng_state_to_json,
     start_run,
 )
-from rl.placement import parse_resources
-from rl.types import AdamParams, Datum, ForwardBackwardOutput, ModelInput, TensorData
+from rl.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    ModelInput,
+    OptimStepResponse,
+    SaveWeightsResponse,
+    TensorData,
+)
+from trainers.config import TrainerConfig
 
 LrSchedule = Literal["constant", "linear", "cosine"]
 
@@ -76,62 +86,86 @@ DEFAULT_DATA = "examples/data/chat_sft.jsonl"
 
 @dataclass(frozen=True)
 class SFTConfig:
-    base_model: str = doc("SmolLM2-135M-Instruct", "built-in name, local HF directory or hub name")
-    data: str = doc(DEFAULT_DATA, "training chat JSONL: one {'messages': [...]} per line")
-    eval_data: str = doc("", "held-out chat JSONL for eval/loss; '' = no eval")
-    log_dir: str = doc(
-        "runs/sft",
-        "run directory (config, metrics, checkpoints); the same log_dir resumes the run. "
-        "Use an absolute path under `ray job submit`, whose working dir is temporary",
-    )
-    on_existing: Literal["resume", "overwrite", "error"] = doc(
-        "resume",
-        "when log_dir holds a run: resume it (same settings required), overwrite it, or error",
-    )
-    rank: int = doc(32, "LoRA rank")
-    seed: int = doc(0, "seed of the LoRA init and of the data order")
-    train_on: Literal["all_assistant_messages", "last_assistant_message"] = doc(
-        "all_assistant_messages", "which assistant turns are trained on"
-    )
-    max_length: int = doc(1024, "conversations are cut to this many input tokens")
-    batch_size: int = doc(8, "conversations per step")
-    num_epochs: int = doc(1, "passes over the data")
-    max_steps: int = doc(0, "stop after this many steps in all; 0 = all epochs")
-    learning_rate: float = doc(2e-4, "peak AdamW learning rate")
-    lr_schedule: Literal["constant", "linear", "cosine"] = doc(
-        "linear", "decay after warmup: constant, linear or cosine"
-    )
-    warmup_steps: int = doc(0, "steps of linear warmup from learning_rate / warmup_steps")
-    min_lr_ratio: float = doc(0.0, "learning rate at the end of the decay, as a fraction")
-    adam_beta1: float = doc(0.9, "AdamW beta1")
-    adam_beta2: float = doc(0.95, "AdamW beta2")
-    adam_eps: float = doc(1e-8, "AdamW epsilon")
-    weight_decay: float = doc(0.0, "AdamW decoupled weight decay")
-    grad_clip_norm: float = doc(0.0, "clip the gradient to this global norm; 0 = no clipping")
-    eval_every: int = doc(10, "eval loss before every N-th step and after the last; 0 = last only")
-    eval_batch_size: int = doc(16, "conversations per forward call during eval")
-    save_every: int = doc(20, "checkpoint after every N-th step and after the last; 0 = last only")
-    pipeline_depth: int = doc(1, "steps submitted ahead of the one awaited; 0 = no pipelining")
-    wandb_project: str = doc("", "Weights & Biases project; '' = no W&B")
-    wandb_name: str = doc("", "W&B run name; '' = the log_dir's name")
-    dtype: Literal["auto", "bfloat16", "float32"] = doc(
-        "auto", "base-weight dtype of the trainer (auto = float32 on CPU, bfloat16 on GPU)"
-    )
-    num_threads: int = doc(0, "torch threads of the trainer; 0 = all cores")
-    world_size: int = doc(1, "trainer ranks: N > 1 shards the base model over N Ray actors")
-    num_gpus: float | None = doc(None, "Ray GPUs of the trainer (None: 1 on a GPU cluster, else 0)")
-    resources: str = doc(
-        "", "custom Ray resources of the trainer, 'name=amount,...' (pins it to such nodes)"
-    )
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = doc(
-        "PACK", "Ray placement-group strategy of the trainer's reservation"
-    )
-    gradient_checkpointing: bool = doc(
-        False, "recompute activations in the backward pass (less memory, same gradients)"
-    )
-    verbose: bool = doc(
-        False, "show Ray and transformers logs on the console (else under <log_dir>/logs/)"
-    )
+    base_model: str = "SmolLM2-135M-Instruct"
+    """built-in name, local HF directory or hub name"""
+    data: str = DEFAULT_DATA
+    """training chat JSONL: one {'messages': [...]} per line"""
+    eval_data: str = ""
+    """held-out chat JSONL for eval/loss; '' = no eval"""
+    log_dir: str = "runs/sft"
+    """run directory (config, metrics, checkpoints); the same log_dir resumes the run. Use an
+    absolute path under `ray job submit`, whose working dir is temporary"""
+    on_existing: Literal["resume", "overwrite", "error"] = "resume"
+    """when log_dir holds a run: resume it (same settings required), overwrite it, or error"""
+    rank: int = 32
+    """LoRA rank"""
+    seed: int = 0
+    """seed of the LoRA init and of the data order"""
+    train_on: Literal["all_assistant_messages", "last_assistant_message"] = "all_assistant_messages"
+    """which assistant turns are trained on"""
+    max_length: int = 1024
+    """conversations are cut to this many input tokens"""
+    batch_size: int = 8
+    """conversations per step"""
+    num_epochs: int = 1
+    """passes over the data"""
+    max_steps: int = 0
+    """stop after this many steps in all; 0 = all epochs"""
+    learning_rate: float = 2e-4
+    """peak AdamW learning rate"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    """decay after warmup: constant, linear or cosine"""
+    warmup_steps: int = 0
+    """steps of linear warmup from learning_rate / warmup_steps"""
+    min_lr_ratio: float = 0.0
+    """learning rate at the end of the decay, as a fraction"""
+    adam_beta1: float = 0.9
+    """AdamW beta1"""
+    adam_beta2: float = 0.95
+    """AdamW beta2"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay"""
+    grad_clip_norm: float = 0.0
+    """clip the gradient to this global norm; 0 = no clipping"""
+    eval_every: int = 10
+    """eval loss before every N-th step and after the last; 0 = last only"""
+    eval_batch_size: int = 16
+    """conversations per forward call during eval"""
+    save_every: int = 20
+    """checkpoint after every N-th step and after the last; 0 = last only"""
+    pipeline_depth: int = 1
+    """steps submitted ahead of the one awaited; 0 = no pipelining"""
+    wandb_project: str = ""
+    """Weights & Biases project; '' = no W&B"""
+    wandb_name: str = ""
+    """W&B run name; '' = the log_dir's name"""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """the trainer's settings (trainers/config.py), set as trainer.<key>=...;
+    trainer.checkpoint_dir '' = the run dir's checkpoints/"""
+    verbose: bool = False
+    """show Ray and transformers logs on the console (else under <log_dir>/logs/)"""
+
+    # Keys this config had before the trainer's settings became a sub-config.
+    RENAMED: ClassVar[dict[str, str]] = {
+        name: f"trainer.{name}"
+        for name in (
+            "dtype", "num_threads", "world_size", "num_gpus", "resources", "placement_strategy",
+            "gradient_checkpointing",
+        )
+    }  # fmt: skip
+    # Settings that may change when a run resumes; any other change is an error. `data` may
+    # move (e.g. into a Ray job's working dir) as long as its content, `data_sha256`, is equal.
+    MAY_CHANGE_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "data", "eval_data", "log_dir", "on_existing", "eval_every", "eval_batch_size",
+        "save_every", "pipeline_depth", "wandb_project", "wandb_name", "verbose",
+        "trainer.num_threads", "trainer.world_size", "trainer.num_cpus", "trainer.num_gpus",
+        "trainer.resources", "trainer.placement_strategy", "trainer.schedule_timeout_s",
+        "trainer.max_tokens_per_batch", "trainer.call_overhead_tokens",
+        "trainer.gradient_checkpointing", "trainer.logprob_chunk_tokens",
+        "trainer.checkpoint_dir",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         checks = {
@@ -152,7 +186,6 @@ class SFTConfig:
             "eval_batch_size": (self.eval_batch_size >= 1, ">= 1"),
             "save_every": (self.save_every >= 0, ">= 0"),
             "pipeline_depth": (self.pipeline_depth >= 0, ">= 0"),
-            "num_threads": (self.num_threads >= 0, ">= 0"),
             "base_model": (bool(self.base_model), "non-empty"),
             "data": (bool(self.data), "non-empty"),
             "log_dir": (bool(self.log_dir), "non-empty"),
@@ -166,38 +199,20 @@ class SFTConfig:
             "lr_schedule": ("constant", "linear", "cosine"),
             "on_existing": ("resume", "overwrite", "error"),
             "train_on": ("all_assistant_messages", "last_assistant_message"),
-            "dtype": ("auto", "bfloat16", "float32"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise InvalidRequestError(
                     f"SFTConfig: {key}={getattr(self, key)!r}, expected one of {list(allowed)}"
                 )
-        self.trainer_config(checkpoint_dir="")  # placement keys: checked before anything runs
 
-    def trainer_config(self, checkpoint_dir: str) -> Any:
-        """The trainer's slice of this config, saving under `checkpoint_dir`."""
-        from trainers.config import TrainerConfig
-
-        return TrainerConfig(
-            dtype=self.dtype,
-            num_threads=self.num_threads,
-            world_size=self.world_size,
-            checkpoint_dir=checkpoint_dir,
-            num_gpus=self.num_gpus,
-            resources=parse_resources(self.resources, "resources"),
-            placement_strategy=self.placement_strategy,
-            gradient_checkpointing=self.gradient_checkpointing,
-        )
-
-
-# Settings that may change when a run resumes; any other change is an error. `data` may move
-# (e.g. into a Ray job's working dir) as long as its content, `data_sha256`, is the same.
-MAY_DIFFER_ON_RESUME = (
-    "data", "eval_data", "log_dir", "on_existing", "eval_every", "eval_batch_size",
-    "save_every", "pipeline_depth", "wandb_project", "wandb_name", "num_threads", "verbose",
-    "num_gpus", "resources", "placement_strategy", "gradient_checkpointing", "world_size",
-)  # fmt: skip
+    def trainer_config(self) -> TrainerConfig:
+        """The trainer's config as the run uses it: saving into the run dir unless told
+        otherwise."""
+        if self.trainer.checkpoint_dir:
+            return self.trainer
+        checkpoints = str(checkpoint_root(self.log_dir).resolve())
+        return dataclasses.replace(self.trainer, checkpoint_dir=checkpoints)
 
 
 @dataclass
@@ -377,6 +392,19 @@ def file_sha256(path: str | Path) -> str:
 
 
 @dataclass
+class SFTRun:
+    """Everything one fine-tune holds between its steps."""
+
+    config: SFTConfig
+    run_dir: Path
+    run_config: dict[str, Any]
+    client: TrainingClient
+    datums: list[Datum]
+    eval_datums: list[Datum]
+    total: int  # steps in all
+
+
+@dataclass
 class _Step:
     """A step submitted to the trainer and not yet awaited."""
 
@@ -386,87 +414,105 @@ class _Step:
     tokens: float
     learning_rate: float
     fwd_bwd: APIFuture[ForwardBackwardOutput]
-    optim: APIFuture[Any]
+    optim: APIFuture[OptimStepResponse]
     evals: list[APIFuture[ForwardBackwardOutput]] | None
-    save: APIFuture[Any] | None
+    save: APIFuture[SaveWeightsResponse] | None
     loop_state: dict[str, Any]
 
 
-def main(config: SFTConfig, service: Any = None) -> SFTResult:
+def main(config: SFTConfig, service: ServiceClient | None = None) -> SFTResult:
     """Runs (or resumes) the fine-tune described by `config`; `service` is made if not given."""
     # Bad data fails here, before the run dir is touched or Ray is started.
     conversations = _read_file(config, "data")
     eval_conversations = _read_file(config, "eval_data") if config.eval_data else []
     run_dir = Path(config.log_dir)
-    run_config = {**dataclasses.asdict(config), "data_sha256": file_sha256(config.data)}
+    run_config = {**flat_dict(config), "data_sha256": file_sha256(config.data)}
     resume = start_run(
-        run_dir, run_config, on_existing=config.on_existing, may_differ=MAY_DIFFER_ON_RESUME
+        run_dir,
+        run_config,
+        on_existing=config.on_existing,
+        may_differ=SFTConfig.MAY_CHANGE_ON_RESUME,
     )
     log_route = route_logs(run_dir, config.verbose)
     own_service = service is None
     try:
-        service = service or _make_service(config, run_dir)
-        if resume is None:
-            client = service.create_lora_training_client(
-                config.base_model, rank=config.rank, seed=config.seed
-            )
-        else:
-            client = service.create_training_client_from_state_with_optimizer(
-                resume.state_path, base_model=config.base_model
-            )
-        from envs.chat import ChatRenderer
-
-        renderer = ChatRenderer(client.get_tokenizer())
-        render = functools.partial(
-            render_datums, renderer=renderer, train_on=config.train_on, max_length=config.max_length
-        )
-        datums = render(conversations, where=config.data)
-        eval_datums = render(eval_conversations, where=config.eval_data) if config.eval_data else []
-        order = DataOrder(
-            len(datums), config.batch_size, config.seed, resume.loop_state if resume else None
-        )
-        total = config.num_epochs * order.batches_per_epoch
-        if config.max_steps:
-            total = min(total, config.max_steps)
+        if service is None:
+            service = make_service(config.trainer_config(), verbose=config.verbose)
+            link_ray_logs(run_dir)
+        run = setup(config, service, resume, conversations, eval_conversations, run_config)
         start = resume.step if resume else 0
         echo(
-            f"sft: {len(datums)} conversations ({len(conversations) - len(datums)} skipped), "
-            f"{total} steps, run dir {run_dir}" + (f", resuming at step {start}" if resume else "")
+            f"sft: {len(run.datums)} conversations ({len(conversations) - len(run.datums)} "
+            f"skipped), {run.total} steps, run dir {run_dir}"
+            + (f", resuming at step {start}" if resume else "")
         )
         while True:
-            with MetricsLogger(
-                run_dir,
-                total_steps=total,
-                start_step=start,
-                wandb_project=config.wandb_project,
-                wandb_name=config.wandb_name,
-                config=run_config,
-            ) as logger:
+            order = _data_order(run, resume)
+            with _logger(run, start) as logger:
                 try:
-                    result = _train(
-                        config, client, run_dir, datums, eval_datums, order, start, total, logger
-                    )
+                    result = run_steps(run, order, start, logger)
                     break
                 except TrainerRestartedError as error:
-                    # The trainer died and steps were lost: go on from the last checkpoint
-                    # in this process, as a new process would resume (same batches).
-                    resume = last_checkpoint(run_dir) or resume
-                    if resume is not None:
-                        client.load_state_with_optimizer(resume.state_path).result()
-                    order = DataOrder(
-                        len(datums),
-                        config.batch_size,
-                        config.seed,
-                        resume.loop_state if resume else None,
-                    )
+                    resume = resume_after_restart(run.client, run_dir, error)
                     start = resume.step if resume else 0
-                    warn(f"{error} Resuming at step {start}.")
         result.resumed_from = start if resume else None
         return result
     finally:
         if own_service and service is not None:
             service.close()
         log_route.close()
+
+
+def setup(
+    config: SFTConfig,
+    service: ServiceClient,
+    resume: CheckpointRecord | None,
+    conversations: list[list[dict[str, Any]]],
+    eval_conversations: list[list[dict[str, Any]]],
+    run_config: dict[str, Any],
+) -> SFTRun:
+    """The training client (new, or from the checkpoint resumed) and the rendered data."""
+    if resume is None:
+        client = service.create_lora_training_client(
+            config.base_model, rank=config.rank, seed=config.seed
+        )
+    else:
+        client = service.create_training_client_from_state_with_optimizer(
+            resume.state_path, base_model=config.base_model
+        )
+    from envs.chat import ChatRenderer
+
+    render = functools.partial(
+        render_datums,
+        renderer=ChatRenderer(client.get_tokenizer()),
+        train_on=config.train_on,
+        max_length=config.max_length,
+    )
+    datums = render(conversations, where=config.data)
+    eval_datums = render(eval_conversations, where=config.eval_data) if config.eval_data else []
+    total = config.num_epochs * (len(datums) // config.batch_size)
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    run_dir = Path(config.log_dir)
+    return SFTRun(config, run_dir, run_config, client, datums, eval_datums, total)
+
+
+def _data_order(run: SFTRun, resume: CheckpointRecord | None) -> DataOrder:
+    config = run.config
+    state = resume.loop_state if resume else None
+    return DataOrder(len(run.datums), config.batch_size, config.seed, state)
+
+
+def _logger(run: SFTRun, start: int) -> MetricsLogger:
+    config = run.config
+    return MetricsLogger(
+        run.run_dir,
+        total_steps=run.total,
+        start_step=start,
+        wandb_project=config.wandb_project,
+        wandb_name=config.wandb_name,
+        config=run.run_config,
+    )
 
 
 def _read_file(config: SFTConfig, key: str) -> list[list[dict[str, Any]]]:
@@ -476,98 +522,81 @@ def _read_file(config: SFTConfig, key: str) -> list[list[dict[str, Any]]]:
     return read_chat_jsonl(path)
 
 
-def _make_service(config: SFTConfig, run_dir: Path) -> Any:
-    """A ServiceClient (Ray from RAY_ADDRESS, else embedded) whose trainer saves in run_dir."""
-    from rl.client.service import ServiceClient
-
-    trainer_config = config.trainer_config(str(checkpoint_root(run_dir).resolve()))
-    # The trainer actor's output stays in Ray's log files (<run_dir>/logs/ray) unless verbose.
-    service = ServiceClient(trainer_config=trainer_config, log_to_driver=config.verbose)
-    link_ray_logs(run_dir)
-    return service
-
-
-def _train(
-    config: SFTConfig,
-    client: Any,
-    run_dir: Path,
-    datums: list[Datum],
-    eval_datums: list[Datum],
-    order: DataOrder,
-    start: int,
-    total: int,
-    logger: MetricsLogger,
-) -> SFTResult:
+def run_steps(run: SFTRun, order: DataOrder, start: int, logger: MetricsLogger) -> SFTResult:
+    """Steps `start` .. total - 1, `pipeline_depth` submitted ahead of the one awaited."""
+    config = run.config
     result = SFTResult(final_step=start)
     pending: deque[_Step] = deque()
     clock = {"start": time.perf_counter(), "last": time.perf_counter()}
 
     def finish(item: _Step) -> None:
-        metrics = _finish_step(item, run_dir, clock, result)
+        metrics = _finish_step(item, clock)
         logger.log(item.step, metrics)
         result.history.append({"step": item.step, **metrics})
         result.final_step = item.step + 1
-        if "eval/loss" in metrics:
-            write_run_curves(run_dir)
-
-    for step in range(start, total):
-        evals = None
-        if eval_datums and config.eval_every and step % config.eval_every == 0:
-            evals = _submit_eval(client, eval_datums, config.eval_batch_size)
-        indices = order.next_batch()
-        batch = [datums[i] for i in indices]
-        lr = config.learning_rate * lr_multiplier(
-            config.lr_schedule, step, total, config.warmup_steps, config.min_lr_ratio
-        )
-        adam = AdamParams(
-            learning_rate=lr,
-            beta1=config.adam_beta1,
-            beta2=config.adam_beta2,
-            eps=config.adam_eps,
-            weight_decay=config.weight_decay,
-            grad_clip_norm=config.grad_clip_norm,
-        )
-        # Both go on the client's queue before anything is awaited: they run back to back.
-        fwd_bwd = client.forward_backward(mean_per_token(batch), "cross_entropy")
-        optim = client.optim_step(adam)
-        done = step + 1
-        save = None
-        if done == total or (config.save_every and done % config.save_every == 0):
-            # Queued after this step's optim_step and before the next step's forward_backward,
-            # so the state saved is exactly the one after `done` steps.
-            save = client.save_state(f"step-{done:06d}", overwrite=True)
-        pending.append(
-            _Step(
-                step=step,
-                indices=indices,
-                epoch=order.epoch,
-                tokens=sum(trained_tokens(d) for d in batch),
-                learning_rate=lr,
-                fwd_bwd=fwd_bwd,
-                optim=optim,
-                evals=evals,
-                save=save,
-                loop_state=order.state(),
+        if item.save is not None:
+            record = CheckpointRecord(
+                name=f"step-{item.step + 1:06d}",
+                step=item.step + 1,
+                state_path=item.save.result().path,
+                loop_state=item.loop_state,
             )
-        )
+            # Appended only once the state is on disk (a record never names a partial save)
+            # and the step is logged (a run resumed from it has every step's metrics).
+            append_checkpoint(run.run_dir, record)
+            result.checkpoint = record
+        if "eval/loss" in metrics:
+            write_run_curves(run.run_dir)
+
+    for step in range(start, run.total):
+        pending.append(submit_step(run, order, step))
         while len(pending) > config.pipeline_depth:
             finish(pending.popleft())
     while pending:
         finish(pending.popleft())
-
-    if eval_datums:
+    if run.eval_datums:
         # The final eval, logged one step past the last training step.
-        eval_metrics = _eval_metrics(_submit_eval(client, eval_datums, config.eval_batch_size))
-        logger.log(total, eval_metrics)
-        result.history.append({"step": total, **eval_metrics})
-    write_run_curves(run_dir)
+        eval_metrics = _eval_metrics(_submit_eval(run.client, run.eval_datums, config))
+        logger.log(run.total, eval_metrics)
+        result.history.append({"step": run.total, **eval_metrics})
+    write_run_curves(run.run_dir)
     return result
 
 
-def _finish_step(
-    item: _Step, run_dir: Path, clock: dict[str, float], result: SFTResult
-) -> dict[str, Any]:
-    """Waits for a submitted step, records its checkpoint, and returns its metrics."""
+def submit_step(run: SFTRun, order: DataOrder, step: int) -> _Step:
+    """Queues step `step` (its eval first, where one is due) without waiting for it."""
+    config, client = run.config, run.client
+    evals = None
+    if run.eval_datums and config.eval_every and step % config.eval_every == 0:
+        evals = _submit_eval(client, run.eval_datums, config)
+    indices = order.next_batch()
+    batch = [run.datums[i] for i in indices]
+    lr = config.learning_rate * lr_multiplier(
+        config.lr_schedule, step, run.total, config.warmup_steps, config.min_lr_ratio
+    )
+    adam = AdamParams(
+        learning_rate=lr,
+        beta1=config.adam_beta1,
+        beta2=config.adam_beta2,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        grad_clip_norm=config.grad_clip_norm,
+    )
+    # Both go on the client's queue before anything is awaited: they run back to back.
+    fwd_bwd = client.forward_backward(mean_per_token(batch), "cross_entropy")
+    optim = client.optim_step(adam)
+    done = step + 1
+    save = None
+    if done == run.total or (config.save_every and done % config.save_every == 0):
+        # Queued after this step's optim_step and before the next step's forward_backward,
+        # so the state saved is exactly the one after `done` steps.
+        save = client.save_state(f"step-{done:06d}", overwrite=True)
+    tokens = sum(trained_tokens(d) for d in batch)
+    return _Step(step, indices, order.epoch, tokens, lr, fwd_bwd, optim, evals, save, order.state())
+
+
+def _finish_step(item: _Step, clock: dict[str, float]) -> dict[str, Any]:
+    """Waits for a submitted step and returns its metrics."""
     metrics: dict[str, Any] = {}
     if item.evals is not None:
         metrics.update(_eval_metrics(item.evals))
@@ -588,25 +617,16 @@ def _finish_step(
         }
     )
     clock["last"] = now
-    if item.save is not None:
-        record = CheckpointRecord(
-            name=f"step-{item.step + 1:06d}",
-            step=item.step + 1,
-            state_path=item.save.result().path,
-            loop_state=item.loop_state,
-        )
-        # Appended only now that the state is on disk, so a record never names a partial save.
-        append_checkpoint(run_dir, record)
-        result.checkpoint = record
     return metrics
 
 
 def _submit_eval(
-    client: Any, eval_datums: list[Datum], batch_size: int
+    client: TrainingClient, eval_datums: list[Datum], config: SFTConfig
 ) -> list[APIFuture[ForwardBackwardOutput]]:
+    size = config.eval_batch_size
     return [
-        client.forward(eval_datums[i : i + batch_size], "cross_entropy")
-        for i in range(0, len(eval_datums), batch_size)
+        client.forward(eval_datums[i : i + size], "cross_entropy")
+        for i in range(0, len(eval_datums), size)
     ]
 
 

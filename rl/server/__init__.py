@@ -1,15 +1,17 @@
-"""A Tinker-compatible HTTP server over engineroom's engine: the official `tinker` SDK and
+"""A Tinker-compatible HTTP server over engineroom's client: the official `tinker` SDK and
 tinker-cookbook run against it unmodified.
 
     python -m rl.server                       # prints TINKER_BASE_URL and, the first time, a key
     export TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-...
     python my_tinker_script.py                # `import tinker`, unchanged
 
-Layout: `app.py` (routes), `state.py` (sessions, models, samplers, per-model order),
-`futures.py` (request futures, seq_id ordering), `store.py` (durable runs and checkpoints),
-`wire.py` (protobuf and JSON <-> engineroom records), `keys.py` (API keys), `config.py`.
+Layout: `app.py` (the FastAPI app: body limit, error answers), `routes/` (the HTTP routes,
+one module per concern: sessions, training, sampling, futures, runs), `state.py` (sessions,
+models, samplers, per-model order), `futures.py` (request futures, seq_id ordering),
+`store.py` (durable runs and checkpoints), `wire.py` (protobuf and JSON <-> engineroom
+records), `keys.py` (API keys), `config.py`.
 The training and sampling are the in-process client API's (`rl.ServiceClient`): the server
-adds names, order, tenancy and the wire, not a second engine.
+adds names, order, tenancy and the wire, not a second trainer or sampler.
 """
 
 from __future__ import annotations
@@ -17,45 +19,19 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rl.server.config import ServerConfig
 
+if TYPE_CHECKING:
+    from rl.client.service import ServiceClient
 
-def build_service(config: ServerConfig) -> Any:
+
+def build_service(config: ServerConfig) -> ServiceClient:
     """The ServiceClient the server drives: an embedded Ray, or RAY_ADDRESS's cluster."""
-    import rl
-    from rl.placement import parse_resources
-    from samplers.config import SamplerConfig
-    from trainers import TrainerConfig
+    from rl.client.service import make_service  # Ray: not for `python -m rl.server keys`
 
-    return rl.ServiceClient(
-        trainer_config=TrainerConfig(
-            dtype=config.trainer_dtype,  # type: ignore[arg-type]
-            num_threads=config.trainer_threads,
-            world_size=config.trainer_world_size,
-            checkpoint_dir=str(config.resolved_checkpoint_dir()),
-            num_gpus=config.trainer_num_gpus,
-            resources=parse_resources(config.trainer_resources, "--trainer-resources"),
-            placement_strategy=config.trainer_placement_strategy,  # type: ignore[arg-type]
-            gradient_checkpointing=config.gradient_checkpointing,
-        ),
-        sampler_config=SamplerConfig(
-            engine=config.sampler_engine,  # type: ignore[arg-type]
-            num_threads=config.sampler_threads,
-            dtype=config.sampler_dtype,
-            sync_mode=config.sync_mode,  # type: ignore[arg-type]
-            max_model_len=config.max_context_length,
-            max_lora_rank=config.max_lora_rank,
-            enforce_eager=config.enforce_eager,
-            num_gpus_per_actor=config.sampler_num_gpus,
-            resources_per_actor=parse_resources(config.sampler_resources, "--sampler-resources"),
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            tensor_parallel_size=config.tensor_parallel_size,
-        ),
-        # The actors' output (vLLM's config dumps, per-sync warnings) stays in Ray's log files.
-        log_to_driver=config.verbose,
-    )
+    return make_service(config.trainer_config(), config.sampler, verbose=config.verbose)
 
 
 @dataclass

@@ -9,32 +9,40 @@ python -m rl.server keys revoke alice
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
+import re
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Sequence
 
-from rl.cli import parse_config
+from rl.cli import describe, parse_config
 from rl.errors import EngineRoomError
 from rl.server.config import ServerConfig
 from rl.server.keys import KeyStore
 
 
-def _serve_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rl.server",
-        description="A Tinker-compatible server over engineroom (`keys` subcommand: API keys).",
-    )
-    for field in dataclasses.fields(ServerConfig):
-        flag = "--" + field.name.replace("_", "-")
-        help_text = f"{field.metadata.get('help', '')} (default: {field.default!r})"
-        if field.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=help_text)
+def settings(argv: Sequence[str]) -> list[str]:
+    """`--key value`, `--key=value` and a bare `--flag` (a true boolean) as key=value."""
+    hints = typing.get_type_hints(ServerConfig)
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key = arg.lstrip("-")
+        if "=" in key or not arg.startswith("--"):
+            out.append(key)
+        elif (
+            hints.get(key.replace("-", "_")) is bool
+            or i + 1 == len(argv)
+            or argv[i + 1].startswith("--")
+        ):
+            out.append(f"{key}=true")
         else:
-            parser.add_argument(flag, dest=field.name, metavar="VALUE", help=help_text)
-    return parser
+            out.append(f"{key}={argv[i + 1]}")
+            i += 1
+        i += 1
+    return out
 
 
 def _keys(argv: Sequence[str]) -> int:
@@ -66,10 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["keys"]:
             return _keys(argv[1:])
-        args = vars(_serve_parser().parse_args(argv))
-        settings = [f"{k}={v}" for k, v in args.items() if v is not None and v is not False]
-        config = parse_config(ServerConfig, settings)
-        return serve(config)
+        if any(a in ("-h", "--help", "help") for a in argv):
+            print("python -m rl.server [--key value ...]  (keys: python -m rl.server keys)\n")
+            print(re.sub(r"\n  (?=[\w.*]+[=:])", "\n  --", describe(ServerConfig)))
+            sys.exit(0)
+        return serve(parse_config(ServerConfig, settings(argv)))
     except EngineRoomError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,17 +17,22 @@ import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tinker import types as tt
 
-import rl.client.sampling as sampling
+from rl.client import weight_sync
+from rl.client.sampling import SamplingClient
+from rl.client.service import ServiceClient
+from rl.client.training import TrainingClient
+from rl.client.weight_sync import PendingSync
 from rl.errors import InvalidRequestError, NotFoundError
 from rl.futures import chain
 from rl.models import resolve_model
 from rl.server.config import ServerConfig
-from rl.server.futures import FutureStore, ModelOrder, failed, flatten
+from rl.server.futures import Encoding, FutureStore, ModelOrder, failed, flatten
 from rl.server.store import RunRecord, RunStore, tinker_path
 from rl.server.wire import ForwardBackwardCall, model_input, sampling_params
 from rl.types import AdamParams
@@ -48,20 +53,20 @@ class Session:
 @dataclass
 class Model:
     tenant: str
-    client: Any  # rl.TrainingClient
+    client: TrainingClient
     order: ModelOrder = field(default_factory=ModelOrder)
 
 
 @dataclass
 class Sampler:
     tenant: str
-    client: Any  # rl.SamplingClient
+    client: SamplingClient
     base_model: str
     model_path: str | None
 
 
 class ServerState:
-    def __init__(self, config: ServerConfig, service: Any):
+    def __init__(self, config: ServerConfig, service: ServiceClient):
         self.config = config
         self.service = service
         # Checkpoints are where the service's trainer writes them.
@@ -180,7 +185,7 @@ class ServerState:
 
         return self._start_model(tenant, model_id, create)
 
-    def _start_model(self, tenant: str, model_id: str, create: Any) -> str:
+    def _start_model(self, tenant: str, model_id: str, create: Callable[[], object]) -> str:
         with self._lock:
             if model_id in self._creating and self._creating[model_id][0] == tenant:
                 return self._creating[model_id][1]  # a retried request: the same future
@@ -191,7 +196,11 @@ class ServerState:
             return request_id
 
     def _add_model(
-        self, tenant: str, model_id: str, client: Any, user_metadata: dict[str, Any] | None
+        self,
+        tenant: str,
+        model_id: str,
+        client: TrainingClient,
+        user_metadata: dict[str, Any] | None,
     ) -> None:
         info = client.get_info()
         now = time.time()
@@ -241,7 +250,12 @@ class ServerState:
         )
 
     def in_order(
-        self, tenant: str, model_id: str, seq_id: int | None, start: Any, encoding: Any = "json"
+        self,
+        tenant: str,
+        model_id: str,
+        seq_id: int | None,
+        start: Callable[[TrainingClient], concurrent.futures.Future],
+        encoding: Encoding = "json",
     ) -> str:
         """Runs `start(client)` on its seq_id's turn; returns the request id."""
         model = self.model(tenant, model_id)
@@ -254,9 +268,9 @@ class ServerState:
         )
 
     def forward_backward(self, tenant: str, call: ForwardBackwardCall) -> str:
-        def start(client: Any) -> concurrent.futures.Future:
-            if call.error is not None:
-                raise call.error
+        def start(client: TrainingClient) -> concurrent.futures.Future:
+            if call.error is not None or call.data is None:
+                raise call.error or InvalidRequestError("the request has no data")
             method = client.forward if call.forward_only else client.forward_backward
             return method(call.data, call.loss_fn, call.loss_fn_config).future()
 
@@ -265,7 +279,7 @@ class ServerState:
     def optim_step(self, tenant: str, request: tt.OptimStepRequest) -> str:
         params = request.optim_params
 
-        def start(client: Any) -> concurrent.futures.Future:
+        def start(client: TrainingClient) -> concurrent.futures.Future:
             if not isinstance(params, tt.AdamParams):
                 raise InvalidRequestError("this server has the AdamW optimizer only")
             adam = AdamParams(**params.model_dump(exclude={"type"}, exclude_none=True))
@@ -279,7 +293,7 @@ class ServerState:
     def save_weights(self, tenant: str, request: tt.SaveWeightsRequest) -> str:
         name = request.path or f"state-{request.seq_id}"
 
-        def start(client: Any) -> concurrent.futures.Future:
+        def start(client: TrainingClient) -> concurrent.futures.Future:
             def record(_: Any) -> tt.SaveWeightsResponse:
                 path = self.runs.add_checkpoint(
                     request.model_id, "weights", name, request.user_metadata, request.ttl_seconds
@@ -302,19 +316,21 @@ class ServerState:
         session_id = request.model_id.split(":train:")[0]
         sampler_id = f"{session_id}:sample:{request.sampling_session_seq_id}"
 
-        def start(client: Any) -> concurrent.futures.Future:
-            def finish(pending: Any) -> Any:
+        def start(client: TrainingClient) -> concurrent.futures.Future:
+            def finish(pending: PendingSync) -> concurrent.futures.Future:
                 # The samplers load the weights outside the model's queue (later training
                 # calls need not wait), in the blocking pool.
                 return _blocking.submit(self._finish_sync, tenant, sampler_id, client, pending)
 
-            begun = sampling.begin_sync(client).future()
+            begun = client.begin_weight_sync().future()
             return flatten(chain(begun, finish))
 
         return self.in_order(tenant, request.model_id, request.seq_id, start)
 
-    def _finish_sync(self, tenant: str, sampler_id: str, client: Any, pending: Any) -> Any:
-        sampling_client = sampling.finish_sync(pending)
+    def _finish_sync(
+        self, tenant: str, sampler_id: str, client: TrainingClient, pending: PendingSync
+    ) -> tt.SaveWeightsForSamplerResponseInternal:
+        sampling_client = weight_sync.finish(pending)
         with self._lock:
             self._samplers[sampler_id] = Sampler(tenant, sampling_client, client.base_model, None)
         return tt.SaveWeightsForSamplerResponseInternal(sampling_session_id=sampler_id)
@@ -325,7 +341,7 @@ class ServerState:
         name = request.path
         assert name is not None
 
-        def start(client: Any) -> concurrent.futures.Future:
+        def start(client: TrainingClient) -> concurrent.futures.Future:
             def record(_: Any) -> tt.SaveWeightsForSamplerResponseInternal:
                 path = self.runs.add_checkpoint(
                     request.model_id,
@@ -345,7 +361,7 @@ class ServerState:
         assert request.model_id is not None
         resolved = self.runs.resolve(tenant, request.path)
 
-        def start(client: Any) -> concurrent.futures.Future:
+        def start(client: TrainingClient) -> concurrent.futures.Future:
             load = client.load_state_with_optimizer if request.optimizer else client.load_state
             return chain(
                 load(str(resolved.local)).future(),

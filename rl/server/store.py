@@ -1,7 +1,7 @@
 """Training runs and their checkpoints, on disk, per tenant: what survives a server restart.
 
     <home>/runs/<run dir>.json                     one record per training run (below)
-    <checkpoints>/<run dir>/weights/<name>/        written by the trainer (trainers/checkpoints)
+    <checkpoints>/<run dir>/weights/<name>/        written by the trainer (rl/checkpoint_format.py)
     <checkpoints>/<run dir>/sampler_weights/<name>/
 
 A run record holds the owner (tenant), base model, LoRA config, the user's metadata (the

@@ -1,0 +1,236 @@
+"""The RL loop's config: every key of `python -m rl.loop.train`, documented where declared.
+
+The defaults are a preset tuned for SmolLM2-135M-Instruct on a 2-core CPU with vLLM: arithmetic
+level 1 (a + b, operands <= 10), 12 groups x 8 samples, 16 tokens, LoRA rank 16, lr 1e-3, ppo,
+20 steps. The prompt asks for the equation with its result ("3 + 7 = 10") and the reward weighs
+that format as much as the answer (envs/arithmetic.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from rl.errors import InvalidRequestError
+from rl.loop.run_dir import checkpoint_root
+from samplers.config import SamplerConfig, vllm_lora_rank
+from trainers.config import TrainerConfig
+from trainers.losses import LOSSES, resolve_config
+
+BUILTIN_ENVS = {
+    "arithmetic": "envs.arithmetic:build_datasets",
+    "math_word": "envs.math_word:build_datasets",
+    "guess_number": "envs.guess_number:build_datasets",
+}
+
+
+def _trainer_preset() -> TrainerConfig:
+    return TrainerConfig(dtype="float32", max_tokens_per_batch=2048)
+
+
+def _sampler_preset() -> SamplerConfig:
+    return SamplerConfig(enforce_eager=True, max_model_len=1024)
+
+
+@dataclass(frozen=True)
+class Config:
+    # -- task ------------------------------------------------------------------------------
+    env: str = "arithmetic"
+    """arithmetic | math_word | guess_number, or 'module:function' returning (train, test)
+    datasets; called as fn(renderer, batch_size=, group_size=, seed=, **env_args)"""
+    env_args: str = "level=1,num_test=100"
+    """extra keyword arguments for the env's build function, 'k=v,k=v' (ints/floats parsed)"""
+    base_model: str = "SmolLM2-135M-Instruct"
+    """built-in name, local HF directory or hub name"""
+    seed: int = 0
+    """seed of the data order, the adapter init and the loop's RNG"""
+    # -- batch and sampling ---------------------------------------------------------------
+    num_steps: int = 20
+    """optimizer steps (batches) to run in total"""
+    groups_per_batch: int = 12
+    """problems per step"""
+    group_size: int = 8
+    """samples per problem; advantages compare rewards within a group"""
+    max_tokens: int = 16
+    """most tokens sampled per turn"""
+    temperature: float = 1.0
+    """sampling temperature of training rollouts"""
+    # -- optimisation -----------------------------------------------------------------------
+    rank: int = 16
+    """LoRA rank"""
+    train_unembed: bool = True
+    """LoRA on the output head too, besides the 7 linear modules"""
+    learning_rate: float = 1e-3
+    """AdamW learning rate"""
+    adam_beta2: float = 0.95
+    """AdamW beta2"""
+    grad_clip_norm: float = 1.0
+    """clip the gradient to this norm (0 = off)"""
+    loss_fn: Literal["importance_sampling", "ppo", "cispo", "dro"] = "ppo"
+    """policy loss (trainers/losses.py); all correct the sampler/trainer gap via logprobs"""
+    clip_low: float | None = None
+    """ppo/cispo clip_low_threshold (None = the loss default)"""
+    clip_high: float | None = None
+    """ppo/cispo clip_high_threshold (None = the loss default)"""
+    dro_beta: float | None = None
+    """dro beta (None = the loss default)"""
+    loss_reduction: Literal["token_mean", "sum"] = "token_mean"
+    """token_mean: the policy loss is divided by the tokens sampled in the batch (as DAPO and
+    TRL's loss_type='dapo'); sum: Tinker's summed loss, whose gradient grows with the batch
+    (advantages are scaled, so only losses linear in them: not dro)"""
+    num_substeps: int = 1
+    """optimizer steps per batch (the batch is split into this many)"""
+    normalize_advantages: bool = False
+    """divide advantages by the group's reward std"""
+    remove_constant_groups: bool = True
+    """skip groups whose rewards are all equal"""
+    kl_penalty_coef: float = 0.0
+    """KL penalty to the base model in the advantages (0 = off)"""
+    max_steps_off_policy: int = 0
+    """0: on-policy. k > 0: sample up to k steps ahead while training (off-policy)"""
+    # -- eval, logging, checkpoints --------------------------------------------------------
+    eval_every: int = 5
+    """held-out eval every N steps, plus before the first and after the last"""
+    eval_temperature: float = 0.0
+    """eval sampling temperature (0 = greedy)"""
+    save_every: int = 5
+    """checkpoint every N steps (0 = only at the end)"""
+    log_dir: str = "runs/rl"
+    """run directory: metrics.jsonl, samples, checkpoints"""
+    on_existing: Literal["resume", "overwrite", "error"] = "resume"
+    """what to do when log_dir holds a run: resume it, start over, or refuse"""
+    wandb_project: str = ""
+    """W&B project ('' = no W&B)"""
+    wandb_name: str = ""
+    """W&B run name ('' = the log dir's name)"""
+    log_samples: int = 4
+    """sample completions logged (samples.jsonl, W&B table) per eval"""
+    verbose: bool = False
+    """show Ray, vLLM and transformers logs on the console (else under <log_dir>/logs/)"""
+    # -- rollout errors ---------------------------------------------------------------------
+    error_policy: Literal["fail", "retry", "drop"] = "retry"
+    """a failed rollout: fail the run, retry the sample call, or drop it (counted)"""
+    max_retries: int = 2
+    """sample-call retries per rollout under error_policy=retry"""
+    rollout_timeout_s: float = 0.0
+    """per sample call (0 = none); a timeout is a failure"""
+    # -- the actors -------------------------------------------------------------------------
+    trainer: TrainerConfig = field(default_factory=_trainer_preset)
+    """the trainer's settings (trainers/config.py); the preset computes in float32 and plans
+    model calls of up to 2,048 tokens (~3 GB for SmolLM2). trainer.checkpoint_dir '' = the run
+    dir's checkpoints/"""
+    sampler: SamplerConfig = field(default_factory=_sampler_preset)
+    """the samplers' settings (samplers/config.py); the preset runs vLLM without graph
+    compilation (it starts ~1 min sooner on CPU; compiled, it samples ~1.3x faster, which 20
+    steps do not win back) with a 1,024-token context; sampler.max_lora_rank, left at its
+    default, fits `rank`"""
+
+    # Keys this config had before the actors' settings became sub-configs.
+    RENAMED: ClassVar[dict[str, str]] = {
+        "sampler_engine": "sampler.engine",
+        "sampler_dtype": "sampler.dtype",
+        "sync_mode": "sampler.sync_mode",
+        "enforce_eager": "sampler.enforce_eager",
+        "max_context": "sampler.max_model_len",
+        "sampler_threads": "sampler.num_threads",
+        "sampler_num_gpus": "sampler.num_gpus_per_actor",
+        "sampler_resources": "sampler.resources_per_actor",
+        "sampler_gpu_memory_utilization": "sampler.gpu_memory_utilization",
+        "sampler_tensor_parallel_size": "sampler.tensor_parallel_size",
+        "sleep_between_rollouts": "sampler.sleep_between_rollouts",
+        "trainer_dtype": "trainer.dtype",
+        "trainer_threads": "trainer.num_threads",
+        "trainer_world_size": "trainer.world_size",
+        "trainer_max_tokens": "trainer.max_tokens_per_batch",
+        "trainer_num_gpus": "trainer.num_gpus",
+        "trainer_resources": "trainer.resources",
+        "trainer_placement_strategy": "trainer.placement_strategy",
+        "trainer_gradient_checkpointing": "trainer.gradient_checkpointing",
+    }
+    # Keys that may change when a run resumes: where and how fast it runs, not what it learns.
+    MAY_CHANGE_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "num_steps", "eval_every", "save_every", "on_existing", "wandb_project", "wandb_name",
+        "log_samples", "error_policy", "max_retries", "rollout_timeout_s", "verbose",
+        "trainer.num_threads", "trainer.world_size", "trainer.num_cpus", "trainer.num_gpus",
+        "trainer.resources", "trainer.placement_strategy", "trainer.schedule_timeout_s",
+        "trainer.max_tokens_per_batch", "trainer.call_overhead_tokens",
+        "trainer.gradient_checkpointing", "trainer.logprob_chunk_tokens",
+        "sampler.num_threads", "sampler.num_actors", "sampler.num_cpus_per_actor",
+        "sampler.num_gpus_per_actor", "sampler.resources_per_actor",
+        "sampler.gpu_memory_utilization", "sampler.tensor_parallel_size", "sampler.kv_cache_gib",
+        "sampler.sleep_between_rollouts", "sampler.max_restarts", "sampler.max_request_retries",
+        "sampler.actor_ready_timeout_s", "sampler.schedule_timeout_s",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "groups_per_batch", "group_size", "max_tokens", "rank"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name}={getattr(self, name)} must be >= 1")
+        non_negative = (
+            "temperature", "eval_temperature", "kl_penalty_coef", "max_steps_off_policy",
+            "eval_every", "save_every", "log_samples", "max_retries", "rollout_timeout_s",
+            "grad_clip_norm",
+        )  # fmt: skip
+        for name in non_negative:
+            value = getattr(self, name)
+            if not value >= 0 or not math.isfinite(value):
+                raise InvalidRequestError(f"{name}={value} must be a finite number >= 0")
+        if not (0 < self.learning_rate < 1):
+            raise InvalidRequestError(f"learning_rate={self.learning_rate} must be in (0, 1)")
+        if not (1 <= self.num_substeps <= self.groups_per_batch * self.group_size):
+            raise InvalidRequestError(f"num_substeps={self.num_substeps} out of range")
+        if self.env not in BUILTIN_ENVS and ":" not in self.env:
+            raise InvalidRequestError(
+                f"env={self.env!r}: expected one of {sorted(BUILTIN_ENVS)} or 'module:function'"
+            )
+        resolve_config(self.loss_fn, self.loss_config())  # unknown / bad loss keys fail here
+        if self.loss_reduction == "token_mean" and self.loss_fn == "dro":
+            raise InvalidRequestError(
+                "loss_reduction=token_mean scales the advantages, which is the token mean only "
+                "for losses linear in them; dro has a quadratic term: use loss_reduction=sum"
+            )
+        parse_env_args(self.env_args)
+
+    def loss_config(self) -> dict[str, float]:
+        values = {
+            "clip_low_threshold": self.clip_low,
+            "clip_high_threshold": self.clip_high,
+            "beta": self.dro_beta,
+        }
+        defaults = LOSSES[self.loss_fn].config_defaults
+        for key, value in values.items():
+            if value is not None and key not in defaults:
+                raise InvalidRequestError(f"loss_fn={self.loss_fn!r} does not take {key}")
+        return {key: value for key, value in values.items() if value is not None}
+
+    def actor_configs(self) -> tuple[TrainerConfig, SamplerConfig]:
+        """The trainer's and the samplers' configs as the run uses them: saving into the run
+        dir unless told otherwise, LoRA slots that fit `rank` unless told otherwise."""
+        trainer, sampler = self.trainer, self.sampler
+        if not trainer.checkpoint_dir:
+            trainer = dataclasses.replace(
+                trainer, checkpoint_dir=str(checkpoint_root(self.log_dir))
+            )
+        if sampler.max_lora_rank == SamplerConfig.max_lora_rank:
+            sampler = dataclasses.replace(sampler, max_lora_rank=vllm_lora_rank(self.rank))
+        return trainer, sampler
+
+
+def parse_env_args(text: str) -> dict[str, Any]:
+    """'level=1,num_test=64' -> {'level': 1, 'num_test': 64}."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise InvalidRequestError(f"env_args item {item!r} is not key=value")
+        value: Any = raw
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                pass
+        out[key] = value
+    return out

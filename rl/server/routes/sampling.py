@@ -1,0 +1,45 @@
+"""Sampling: sampling sessions (a base model or a sampler checkpoint) and `asample`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from tinker import types as tt
+
+from rl.server.routes.common import State, Tenant, future
+
+router = APIRouter()
+
+
+@router.post("/create_sampling_session")
+async def create_sampling_session(
+    body: tt.CreateSamplingSessionRequest, who: Tenant, state: State
+) -> dict[str, Any]:
+    sampler_id = await asyncio.wrap_future(state.create_sampling_session(who, body))
+    return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+
+
+@router.get("/samplers/{sampler_id}")
+async def get_sampler(sampler_id: str, who: Tenant, state: State) -> dict[str, str | None]:
+    sampler = state.sampler(who, sampler_id)
+    return {
+        "sampler_id": sampler_id,
+        "base_model": sampler.base_model,
+        "model_path": sampler.model_path,
+    }
+
+
+@router.post("/asample", response_model=None)
+async def asample(body: tt.SampleRequest, who: Tenant, state: State) -> Response | dict[str, Any]:
+    if state.sampling_busy():
+        return JSONResponse(
+            {"detail": "the sampling queue is full; back off and retry"},
+            429,
+            headers={"retry-after": "1"},
+        )
+    request_id = state.sample(who, body)
+    ids = [f"{request_id}:{i}" for i in range(body.num_samples)]
+    return future(request_id, sample_sequence_ids=ids)
