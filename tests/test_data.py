@@ -10,14 +10,14 @@ import pytest
 from envs.base import EnvError, StepResult, Trajectory, TrajectoryGroup, Transition
 from rl.errors import InvalidRequestError
 from rl.loop.datums import (
-    check_observation_fits,
     compute_advantages,
     groups_to_datums,
     remove_constant_reward_groups,
-    rollout_metrics,
     scale_advantages,
     trajectory_to_datums,
 )
+from rl.loop.rollouts import check_observation_fits
+from rl.loop.step_metrics import rollout_metrics
 
 
 def _turn(ob, ac, logprobs=None, reward=0.0, done=True, **kw) -> Transition:
