@@ -57,3 +57,15 @@ class TrainerRestartedError(EngineRoomError, RuntimeError):
 
     def __reduce__(self):  # keep the fields through pickling
         return (type(self), (self.model_id, self.step, self.lost, self.cause))
+
+
+class TrainerOutOfMemoryError(EngineRoomError, RuntimeError):
+    """The trainer ran out of memory during a call (Ray's memory monitor ended its process);
+    it was restarted, and the call did not take effect."""
+
+    def __init__(self, what: str):
+        super().__init__(
+            f"{what}; the machine's memory ran out (another process took it, or the trainer's "
+            "estimate was short). The trainer was restarted and the call did not take effect: "
+            "retry it, or cap the trainer's memory (trainer.memory_limit_gib)"
+        )

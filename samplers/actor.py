@@ -150,6 +150,19 @@ class SamplerActor:
         await asyncio.to_thread(self._engine.reset_prefix_cache)
         return {"write_s": written - start, "load_s": time.perf_counter() - written}
 
+    async def retire(self, versions: list[int]) -> int:
+        """Unloads these adapter versions (each once its running requests finish), and gives
+        the freed memory back to the OS; returns how many were held."""
+        held = [self._adapters[v] for v in versions if v in self._adapters]
+        for adapter in held:
+            adapter.retired = True
+            if adapter.inflight == 0:
+                await self._unload(adapter)
+            else:
+                self._deferred_unloads += 1
+        _release_freed_memory()
+        return len(held)
+
     async def _unload(self, adapter: _Adapter) -> None:
         if self._adapters.pop(adapter.weights.version, None) is None:
             return

@@ -384,6 +384,25 @@ class SamplerPool:
                 self._sources.pop(history.popleft(), None)
         self._sources[weights] = source
 
+    def versions_of(self, model_id: str) -> list[WeightsVersion]:
+        """The adapter versions of training client `model_id` this pool can load."""
+        return list(self._history.get(model_id, ()))
+
+    async def forget(self, versions: list[WeightsVersion]) -> None:
+        """Drops `versions` (adapters): no request may use them any more, and every actor
+        unloads them once their running requests finish."""
+        for weights in versions:
+            self._sources.pop(weights, None)
+            history = self._history.get(weights.model_id)
+            if history is not None and weights in history:
+                history.remove(weights)
+                if not history:
+                    del self._history[weights.model_id]
+            self.probe_scores.pop(weights.model_id, None)
+        self.path_versions = {p: w for p, w in self.path_versions.items() if w not in versions}
+        ids = [w.version for w in versions]
+        await self._on_each_live(lambda slot: slot.handle.retire.remote(ids))
+
     async def push(self, weights: WeightsVersion, source: Any) -> dict[str, float]:
         """Registers `weights` and loads them on every live actor; returns timings."""
         self.register(weights, source)

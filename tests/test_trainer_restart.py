@@ -9,7 +9,7 @@ import time
 import pytest
 import ray
 
-from rl.errors import TrainerRestartedError
+from rl.errors import TrainerOutOfMemoryError, TrainerRestartedError
 from rl.types import AdamParams, Datum, ModelInput
 from samplers.config import SamplerConfig
 from trainers import TrainerConfig
@@ -100,3 +100,35 @@ def test_sync_after_a_trainer_death(service, tiny_model):
     sampler = client.save_weights_and_get_sampling_client()
     lps = sampler.compute_logprobs(ModelInput.from_ints(SEQUENCE)).result()[1:]
     assert [float(x) for x in lps] == pytest.approx(logprobs(client), abs=1e-4)
+
+
+# What Ray's memory monitor reports when it ends a worker: a page of its own, never to reach
+# a user as an error message.
+RAY_OOM_REPORT = (
+    "Task was killed due to the node running low on memory.\nMemory on the node (IP: "
+    "127.0.0.1, ID: ab12) where the task (actor ID: cd34, name=LoraTrainer.__init__, pid=1) was "
+    "running was 22.83GB / 24.00GB (0.951), which exceeds the memory usage threshold of 0.95.\n"
+    + "\n".join(f"PID\tMEM(GB)\tCOMMAND\n{i}\t1.2\tray::SamplerActor" for i in range(40))
+)
+
+
+def test_an_out_of_memory_death_is_one_short_error_and_the_trainer_serves_on(service, tiny_model):
+    """A call that meets Ray's out-of-memory kill: the caller gets one short line naming the
+    trainer, the batch and the limit; the trainer is restarted, and the next call runs."""
+    client = service.create_lora_training_client(tiny_model, rank=4, seed=3)
+    before = logprobs(client)
+    host = service.hosts[tiny_model]
+    generation = host.generation
+
+    def killed(actor):
+        raise ray.exceptions.OutOfMemoryError(RAY_OOM_REPORT)
+
+    with pytest.raises(TrainerOutOfMemoryError) as error:
+        client._guarded("forward_backward", killed, ([DATUM, DATUM], "cross_entropy")).result()
+    message = str(error.value)
+    assert "\n" not in message and "PID" not in message and len(message) < 400
+    assert repr(tiny_model) in message and "2 datums (22 tokens)" in message
+    assert "GiB" in message
+    assert host.generation == generation + 1  # restarted
+    assert logprobs(client) == pytest.approx(before)  # nothing lost: its state was its initial
+    assert step(client) == 1.0

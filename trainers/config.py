@@ -47,8 +47,14 @@ class TrainerConfig:
     """How long to wait for Ray to find the trainer's resources before raising
     `ResourcesUnavailableError` (rl.placement), instead of waiting forever."""
 
-    max_tokens_per_batch: int = 8192
-    """Upper bound on padded tokens in one model call; longer batches are split into buckets."""
+    max_tokens_per_batch: int = 0
+    """Most padded tokens in one model call; a larger batch is split into calls, whose
+    gradients add up to the batch's. 0: as many as the memory free at the time of the call
+    holds (trainers/memory.py); a number caps that too."""
+
+    memory_limit_gib: float | None = None
+    """Most memory the trainer process may use, its model included, GiB; model calls are sized
+    to stay under it. None: what the machine (or the GPU) has free, less a 10% headroom."""
 
     call_overhead_tokens: int = 64
     """Cost of one extra model call, in padded tokens, used when bucketing by length."""
@@ -94,6 +100,8 @@ class TrainerConfig:
             ("logprob_chunk_tokens", (self.logprob_chunk_tokens or 0) >= 0),
             ("shared_prefix_row_tokens", self.shared_prefix_row_tokens >= 0),
             ("shared_prefix_min_tokens", self.shared_prefix_min_tokens >= 1),
+            ("max_tokens_per_batch", self.max_tokens_per_batch >= 0),
+            ("memory_limit_gib", self.memory_limit_gib is None or self.memory_limit_gib > 0),
         ):
             if not ok:
                 raise InvalidRequestError(

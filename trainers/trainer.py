@@ -14,6 +14,9 @@ that (a non-finite loss or gradient) restores the gradients to what they were be
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import itertools
 import math
 import resource
@@ -50,6 +53,7 @@ from trainers.batching import plan_buckets
 from trainers.config import TrainerConfig
 from trainers.logprobs import target_logprobs
 from trainers.losses import LOSSES
+from trainers.memory import GIB, MemoryBudget, ModelShape
 from trainers.packing import TrieRow, pack_bucket, plan_rows
 from trainers.validation import PreparedBatch, prepare_batch
 
@@ -93,6 +97,14 @@ class LoraTrainer:
         self.max_context = int(getattr(hf_config, "max_position_embeddings", 0) or 2**31 - 1)
         self.fingerprint = model_fingerprint(hf_config)
         self._softcap = getattr(hf_config, "final_logit_softcapping", None)
+        limit = self.config.memory_limit_gib
+        self._budget = MemoryBudget(
+            ModelShape.of(model),
+            self.device,
+            act_bytes=torch.finfo(getattr(torch, dtype_name)).bits // 8,
+            head_chunk=self.config.resolved_chunk_tokens(on_gpu),
+            limit_bytes=int(limit * GIB) if limit else None,
+        )
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -136,11 +148,23 @@ class LoraTrainer:
         return self.get_info(model_id)
 
     def release(self, model_id: str) -> None:
+        """Deletes the adapter, its optimizer state and gradients, and gives the memory back
+        to the OS (malloc keeps freed pages otherwise)."""
         adapter = self._adapter(model_id)
         assert self._peft is not None
         self._peft.delete_adapter(adapter.name)
         del self._adapters[model_id]
         self._active = None
+        del adapter
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+    def adapter_ids(self) -> list[str]:
+        """The model ids of the adapters this trainer holds."""
+        return list(self._adapters)
 
     def get_info(self, model_id: str) -> GetInfoResponse:
         adapter = self._adapter(model_id)
@@ -365,8 +389,13 @@ class LoraTrainer:
         return merged if self._group.rank == 0 else {}
 
     def memory_stats(self) -> dict[str, float]:
-        """Peak resident memory of this process (MiB), for benchmarks."""
-        return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        """Peak resident memory of this process (MiB), the padded tokens the last batch's model
+        calls could hold, and the memory budget's factor over its estimate."""
+        return {
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "call_tokens": float(getattr(self, "last_call_tokens", 0)),
+            "memory_factor": self._budget.factor,
+        }
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -426,12 +455,11 @@ class LoraTrainer:
             rows = [TrieRow([j], [s], len(s)) for j, s in enumerate(sequences)]
         for row in rows:  # positions in `share` -> datum indices
             row.members = [share[j] for j in row.members]
+        sizes = [row.size for row in rows]
         buckets = [
             [rows[j] for j in bucket]
             for bucket in plan_buckets(
-                [row.size for row in rows],
-                self.config.max_tokens_per_batch,
-                self.config.call_overhead_tokens,
+                sizes, self._call_tokens(max(sizes, default=1)), self.config.call_overhead_tokens
             )
         ]
         for _ in range(self._group.max_calls(len(buckets)) - len(buckets)):
@@ -439,12 +467,24 @@ class LoraTrainer:
             hidden = decoder(input_ids=idle, use_cache=False).last_hidden_state
             yield [], [hidden.float().sum() * 0.0]
         for bucket in buckets:
-            if all(len(row.members) == 1 for row in bucket):
-                yield self._padded_logprobs(
-                    batch, [row.members[0] for row in bucket], decoder, lm_head
-                )
-            else:
-                yield self._tree_logprobs(batch, bucket, decoder, lm_head)
+            width = max(row.size for row in bucket)
+            # The caller's backward of this bucket runs before the generator resumes, so the
+            # measurement covers the call's whole peak.
+            with self._budget.measure(len(bucket) * width, width):
+                if all(len(row.members) == 1 for row in bucket):
+                    yield self._padded_logprobs(
+                        batch, [row.members[0] for row in bucket], decoder, lm_head
+                    )
+                else:
+                    yield self._tree_logprobs(batch, bucket, decoder, lm_head)
+
+    def _call_tokens(self, longest: int) -> int:
+        """Padded tokens one model call may hold: what the free memory holds at the batch's
+        longest row (trainers/memory.py), within TrainerConfig.max_tokens_per_batch."""
+        tokens = self._budget.tokens_per_call(longest)
+        cap = self.config.max_tokens_per_batch
+        self.last_call_tokens = min(tokens, cap) if cap else tokens
+        return self.last_call_tokens
 
     @property
     def _shares_prefixes(self) -> bool:

@@ -29,7 +29,7 @@ from rl.errors import InvalidRequestError
 from rl.types import SampleResponse
 from samplers.config import SamplerConfig, resolve_sync_mode
 from samplers.engine_choice import engine_config_for
-from samplers.pool import SamplerPool
+from samplers.pool import SamplerPool, submit
 from samplers.types import SampleRequest, WeightsSupersededError, WeightsVersion
 
 
@@ -68,6 +68,22 @@ class SamplerPools:
         """The pools started so far, by key."""
         with self._lock:
             return dict(self._pools)
+
+    def release_model(self, model_id: str) -> None:
+        """Frees what training client `model_id` holds on the samplers: its merged pool
+        (a whole engine) and its adapter versions on the LoRA pools."""
+        for key, pool in self.started().items():
+            if key.endswith(f"::merged::{model_id}"):
+                self.drop(pool)
+            elif pool.enable_lora and pool.versions_of(model_id):
+                submit(pool.forget(pool.versions_of(model_id))).result()
+
+    def release_checkpoint(self, path: str) -> None:
+        """Frees the adapter version loaded for the sampler checkpoint at `path`."""
+        for pool in self.started().values():
+            weights = pool.path_versions.get(path)
+            if weights is not None:
+                submit(pool.forget([weights])).result()
 
     def drop(self, pool: SamplerPool) -> None:
         """Closes `pool` and forgets it (a later request starts a new one)."""

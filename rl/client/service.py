@@ -163,6 +163,20 @@ class ServiceClient:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def release(self, client: TrainingClient, why: str = "released by its owner") -> None:
+        """Frees everything `client` holds: its adapter, optimizer state and gradients on the
+        trainer, its weights on the samplers, its queue. Its checkpoints stay. Later calls of
+        it raise NotFoundError saying `why`; sampling clients made from it stop working."""
+        client.mark_released(why)
+        client.close()
+        with self._lock:
+            if client in self._training_clients:
+                self._training_clients.remove(client)
+        host = self.hosts.get(client.base_model)
+        if host is not None:
+            host.release(client, client.model_id)
+        self.pools.release_model(client.model_id)
+
     def close(self) -> None:
         """Stops this client's actors, and the embedded Ray if this client started it."""
         for client in self._training_clients:

@@ -92,6 +92,17 @@ class TrainerHost:
                 self.restart_seconds[-1],
             )
 
+    def release(self, client: Restorable, model_id: str) -> None:
+        """Deletes `model_id`'s adapter from the trainer; the client is no longer restored."""
+        with self._lock:
+            if client in self.clients:
+                self.clients.remove(client)
+            try:
+                ray_get(self.handle.release.remote(model_id))
+            except BaseException as error:
+                if not is_trainer_death(error):  # a dead trainer holds nothing any more
+                    raise
+
     def close(self) -> None:
         self._kill()
         for reservation in self.reservations:
@@ -103,7 +114,10 @@ class TrainerHost:
                 ray.kill(actor, no_restart=True)
 
     def _describe(self, error: BaseException | None) -> str:
-        """Which rank died, for a sharded trainer ("" for a one-actor trainer)."""
+        """Why the trainer died, in one line ("" when it is not known): out of memory, or
+        which rank of a sharded trainer. Never Ray's own report, which runs to pages."""
+        if error is not None and is_out_of_memory(error):
+            return "it ran out of memory; Ray's memory monitor ended it"
         if isinstance(error, TrainerRankError):
             return str(error)
         if self.config.world_size > 1:  # clients call rank 0 only: it is the one that died
@@ -113,7 +127,23 @@ class TrainerHost:
 
 def is_trainer_death(error: BaseException) -> bool:
     """Whether `error` says the trainer process is gone (not an error the trainer raised)."""
-    return isinstance(error, (ray.exceptions.RayActorError, TrainerRankError))
+    return is_out_of_memory(error) or isinstance(
+        error, (ray.exceptions.RayActorError, TrainerRankError)
+    )
 
 
-__all__ = ["Reservation", "TrainerHost", "is_trainer_death"]
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether Ray's memory monitor ended the process: Ray reports it as its own error, or as
+    the actor's death with the monitor's report as the cause."""
+    if isinstance(error, ray.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(error, ray.exceptions.RayActorError) and any(
+        words in str(error) for words in _OOM_WORDS
+    )
+
+
+# What Ray's memory monitor writes when it kills a worker (its report, many lines, follows).
+_OOM_WORDS = ("running low on memory", "memory usage threshold", "OutOfMemoryError")
+
+
+__all__ = ["Reservation", "TrainerHost", "is_out_of_memory", "is_trainer_death"]

@@ -22,6 +22,7 @@ submitted after it run on the restored state.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,9 +34,14 @@ from rl.checkpoint_format import read_checkpoint
 from rl.client import weight_sync
 from rl.client.pools import SamplerPools
 from rl.client.sampling import SamplingClient
-from rl.client.trainer_host import TrainerHost, is_trainer_death
+from rl.client.trainer_host import TrainerHost, is_out_of_memory, is_trainer_death
 from rl.client.weight_sync import PendingSync
-from rl.errors import InvalidRequestError, TrainerRestartedError
+from rl.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    TrainerOutOfMemoryError,
+    TrainerRestartedError,
+)
 from rl.futures import APIFuture, OrderedQueue, Turns, ray_get
 from rl.types import (
     AdamParams,
@@ -82,6 +88,7 @@ class TrainingClient:
         self._queue = OrderedQueue(f"client-{model_id}")
         self._sync_turns = Turns()  # weight syncs finish in the order they began
         self._tokenizer: Any = None
+        self._released: str | None = None  # why, once released
 
     # -- training ----------------------------------------------------------------------------
 
@@ -179,8 +186,13 @@ class TrainingClient:
         return self._host.handle
 
     def close(self) -> None:
-        """Drops the calls still queued; the adapter stays on the trainer until it stops."""
+        """Drops the calls still queued; the adapter stays on the trainer until it stops
+        (`ServiceClient.release` deletes it)."""
         self._queue.close()
+
+    def mark_released(self, why: str) -> None:
+        """From now on every call raises NotFoundError saying `why` (see ServiceClient.release)."""
+        self._released = why
 
     # -- info --------------------------------------------------------------------------------
 
@@ -258,6 +270,8 @@ class TrainingClient:
         self, name: str, fn: Callable[[Any], Any], args: tuple[Any, ...] = ()
     ) -> APIFuture[Any]:
         """Queues `fn(trainer actor)`, surviving a trainer death (see the module docstring)."""
+        if self._released is not None:
+            raise NotFoundError(f"training client {self.model_id!r} was released: {self._released}")
         epoch = self._epoch
         return self._queue.submit(lambda: self._run_guarded(name, fn, args, epoch))
 
@@ -274,6 +288,9 @@ class TrainingClient:
                 if attempt or not is_trainer_death(error):
                     raise
                 host.restart(generation, error)
+                if is_out_of_memory(error):  # the same call would most likely run out again
+                    self._raise_if_lost(epoch)
+                    raise TrainerOutOfMemoryError(self._what_ran_out(name, args)) from None
                 continue  # runs again on the restored state, unless calls were lost
             with self._state_lock:
                 if host.generation != generation and name in _CHANGES_STATE:
@@ -285,6 +302,19 @@ class TrainingClient:
                 self._record(name, args, result)
             return result
         raise AssertionError("unreachable")
+
+    def _what_ran_out(self, name: str, args: tuple[Any, ...]) -> str:
+        """`name` with the size of its batch, for the out-of-memory error."""
+        data = args[0] if args and isinstance(args[0], list) else []
+        size = ""
+        if data:
+            tokens = sum(d.model_input.length for d in data if isinstance(d, Datum))
+            size = f" of {len(data)} datums ({tokens:,} tokens)"
+        limit = self._host.config.memory_limit_gib
+        bound = (
+            f"its limit of {limit:g} GiB" if limit else f"this machine's {_machine_gib():.0f} GiB"
+        )
+        return f"the trainer of {self.base_model!r} ran out of memory ({bound}) during {name}{size}"
 
     def _raise_if_lost(self, epoch: int) -> None:
         """Raises the restart report for calls submitted before it was first raised."""
@@ -365,6 +395,10 @@ class TrainingClient:
         result.metrics.pop("weights:sum", None)
         result.metrics.update({**metrics, "loss:sum": loss.item(), "surrogate_loss:sum": surrogate})
         return result
+
+
+def _machine_gib() -> float:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def _with_inputs(datum: Datum, targets: TensorData, weights: TensorData) -> Datum:

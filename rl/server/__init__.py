@@ -46,6 +46,7 @@ class RunningServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.state.close()
 
 
 def start_in_thread(config: ServerConfig, service: Any) -> RunningServer:

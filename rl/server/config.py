@@ -36,6 +36,10 @@ class ServerConfig:
     """Datums per forward_backward request the SDK sends; larger batches come as chunks."""
     long_poll_s: float = 20.0
     """How long retrieve_future holds a pending request before answering try_again."""
+    session_timeout_s: float = 3600.0
+    """A session whose heartbeats (every 10 s from the SDK) stop for this long is ended: its
+    models and samplers are released (their checkpoints stay). An hour outlasts a network blip
+    and a laptop closed for a meeting (rl/server/lifecycle.py)."""
     verbose: bool = False
     """Log every request, and show Ray's, vLLM's and transformers' logs on the console."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -69,6 +73,8 @@ class ServerConfig:
     }
 
     def __post_init__(self) -> None:
+        if not self.session_timeout_s > 0:
+            raise InvalidRequestError(f"--session_timeout_s={self.session_timeout_s} must be > 0")
         if self.sampler.max_model_len is None:
             raise InvalidRequestError(
                 "--sampler.max_model_len must be a number for the server: it advertises it"

@@ -12,8 +12,10 @@ and sampling sessions that live only in memory; a client resumes from a saved ch
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -33,9 +35,13 @@ from rl.futures import chain
 from rl.models import resolve_model
 from rl.server.config import ServerConfig
 from rl.server.futures import Encoding, FutureStore, ModelOrder, failed, flatten
+from rl.server.lifecycle import SessionReaper
 from rl.server.store import RunRecord, RunStore, tinker_path
 from rl.server.wire import ForwardBackwardCall, model_input, sampling_params
 from rl.types import AdamParams
+
+logger = logging.getLogger("rl.server")
+_RELEASED_KEPT = 10_000  # released model ids remembered, for their error message
 
 # One pool for the blocking client-API calls (starting actors, weight syncs): a few at once.
 _blocking = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="engineroom-server")
@@ -62,7 +68,8 @@ class Sampler:
     tenant: str
     client: SamplingClient
     base_model: str
-    model_path: str | None
+    model_path: str | None  # the tinker:// path it was made from
+    local_path: str | None = None  # that checkpoint's directory here
 
 
 class ServerState:
@@ -78,7 +85,10 @@ class ServerState:
         self._creating: dict[str, tuple[str, str]] = {}  # model id -> (tenant, request id)
         self._samplers: dict[str, Sampler] = {}
         self._sampler_starts: dict[str, tuple[str, concurrent.futures.Future]] = {}
+        # Model ids released (session ended, unload_model) -> why, for a clear error later.
+        self._released: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._served = self._served_models(config)
+        self._reaper = SessionReaper(self, config.session_timeout_s)
 
     # -- models this server serves ---------------------------------------------------------
 
@@ -136,7 +146,71 @@ class ServerState:
         return not session.finished
 
     def finish_session(self, tenant: str, session_id: str) -> None:
-        self.session(tenant, session_id).finished = True
+        """The SDK's `close`: the session's models and samplers are released at once."""
+        self.session(tenant, session_id)
+        self.end_session(session_id, "its session was closed")
+
+    def expire_sessions(self, now: float) -> list[str]:
+        """Ends the sessions whose last heartbeat is older than the timeout; their ids."""
+        timeout = self.config.session_timeout_s
+        with self._lock:
+            stale = [
+                session_id
+                for session_id, s in self._sessions.items()
+                if not s.finished and now - s.last_heartbeat > timeout
+            ]
+            # Sessions ended a timeout ago are forgotten (a heartbeat then gets 404, not 410).
+            for session_id, s in list(self._sessions.items()):
+                if s.finished and now - s.last_heartbeat > 2 * timeout:
+                    del self._sessions[session_id]
+        for session_id in stale:
+            self.end_session(session_id, f"its session sent no heartbeat for {timeout:g} s")
+        return stale
+
+    def end_session(self, session_id: str, why: str) -> None:
+        """Releases every model and sampler of the session; its runs and checkpoints stay."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.finished:
+                return
+            session.finished = True
+            prefix = f"{session_id}:"
+            models = [m for m in self._models if m.startswith(prefix)]
+            samplers = [s for s in self._samplers if s.startswith(prefix)]
+        for model_id in models:
+            self._release_model(model_id, why)
+        for sampler_id in samplers:
+            self._release_sampler(sampler_id)
+        logger.info("session %s ended (%s): released %d model(s)", session_id, why, len(models))
+
+    def unload_model(self, tenant: str, model_id: str) -> None:
+        """Releases the model now (its adapter, optimizer state and sampler weights)."""
+        self.model(tenant, model_id)  # another tenant's or an unknown one: NotFoundError
+        self._release_model(model_id, "unload_model was called for it")
+
+    def close(self) -> None:
+        self._reaper.stop()
+
+    def _release_model(self, model_id: str, why: str) -> None:
+        with self._lock:
+            model = self._models.pop(model_id, None)
+            if model is None:
+                return
+            self._released[model_id] = why
+            while len(self._released) > _RELEASED_KEPT:
+                self._released.popitem(last=False)
+        self.service.release(model.client, why)
+
+    def _release_sampler(self, sampler_id: str) -> None:
+        """Forgets a sampling session; a checkpoint's weights leave the samplers with the last
+        session that samples them (a sync's leave with its training client)."""
+        with self._lock:
+            sampler = self._samplers.pop(sampler_id, None)
+            self._sampler_starts.pop(sampler_id, None)
+            local = sampler.local_path if sampler is not None else None
+            shared = any(s.local_path == local for s in self._samplers.values())
+        if local is not None and not shared:
+            self.service.pools.release_checkpoint(local)
 
     # -- training clients ------------------------------------------------------------------
 
@@ -218,21 +292,34 @@ class ServerState:
         )
         with self._lock:
             self._models[model_id] = Model(tenant, client)
+            session = self._sessions.get(model_id.split(":", 1)[0])
+        if session is None or session.finished:  # it ended while the model was made
+            self._release_model(model_id, "its session ended while it was being created")
 
     def model(self, tenant: str, model_id: str) -> Model:
         with self._lock:
             model = self._models.get(model_id)
         if model is None or model.tenant != tenant:
             try:
-                self.runs.get(tenant, model_id)
+                run = self.runs.get(tenant, model_id)
             except NotFoundError:
                 raise NotFoundError(f"model {model_id!r} not found") from None
+            why = self._released.get(model_id, "the server restarted since it was created")
             raise NotFoundError(
-                f"model {model_id!r} is not loaded (the server restarted since it was created): "
-                "resume it from a checkpoint with create_training_client_from_state_with_optimizer"
+                f"model {model_id!r} is not loaded: it was released ({why}). Resume it from "
+                f"{self._last_checkpoint(run)} with create_training_client_from_state_with_optimizer"
             )
         self.runs.touch(model_id)
         return model
+
+    def _last_checkpoint(self, run: RunRecord) -> str:
+        saved = [
+            (e.created, cid) for cid, e in self.runs.checkpoints(run) if cid.startswith("weights/")
+        ]
+        if not saved:
+            return "a checkpoint (it saved none with save_state)"
+        kind, name = max(saved)[1].split("/", 1)
+        return f"its last checkpoint, {tinker_path(run.run_id, kind, name)},"
 
     def get_info(self, tenant: str, model_id: str) -> tt.GetInfoResponse:
         info = self.model(tenant, model_id).client.get_info()
@@ -398,7 +485,9 @@ class ServerState:
             else:
                 client = self.service.create_sampling_client(model_path=local, base_model=base)
             with self._lock:
-                self._samplers[sampler_id] = Sampler(tenant, client, base, request.model_path)
+                self._samplers[sampler_id] = Sampler(
+                    tenant, client, base, request.model_path, local
+                )
             return sampler_id
 
         future = _blocking.submit(start)

@@ -22,7 +22,6 @@ REFUSED: dict[tuple[str, str], str] = {
     ("POST", "/create_custom_loss"): "this server tells the SDK to run custom losses "
     "client-side (custom_loss_server_side=false)",
     ("POST", "/copy_weights"): "load the checkpoint into a new training client instead",
-    ("POST", "/unload_model"): "models are released when the server stops",
     ("POST", "/auth/token"): "this server takes API keys only (pjwt_auth_enabled=false)",
     ("POST", "/retrieve_futures"): "poll retrieve_future (sample_use_retrieve_futures=false)",
     ("POST", "/join_sampling_session"): "sample_join_sampling_session=false",

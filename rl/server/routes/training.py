@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import zstandard
@@ -19,6 +20,13 @@ router = APIRouter()
 async def create_model(body: tt.CreateModelRequest, who: Tenant, state: State) -> dict[str, Any]:
     model_id = f"{body.session_id}:train:{body.model_seq_id}"
     return future(state.create_model(who, body), model_id)
+
+
+@router.post("/unload_model")
+async def unload_model(body: tt.UnloadModelRequest, who: Tenant, state: State) -> dict[str, Any]:
+    """Releases the model at once: its adapter, optimizer state and sampler weights."""
+    await asyncio.to_thread(state.unload_model, who, body.model_id)
+    return tt.UnloadModelResponse(model_id=body.model_id, type="unload_model").model_dump()
 
 
 @router.post("/get_info")
