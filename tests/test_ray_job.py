@@ -30,7 +30,7 @@ from rl.loop.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-PACKAGES = ("rl", "trainers", "envs")
+PACKAGES = ("rl", "trainers", "samplers", "envs")
 
 
 def free_ports(n: int) -> list[int]:
@@ -137,7 +137,7 @@ def test_sft_runs_as_a_ray_job(ray_head, tiny_model, tmp_path):
         RAY, "job", "submit", "--address", address, "--working-dir", str(work), "--",
         "python", "-m", "rl.loop.sft", f"base_model={tiny_model}", "data=train.jsonl",
         f"log_dir={log_dir}", "max_steps=2", "batch_size=2", "rank=4", "max_length=48",
-        "save_every=0", "eval_every=0", "dtype=float32", "num_threads=1",
+        "save_every=0", "eval_every=0", "trainer.dtype=float32", "trainer.num_threads=1",
     ]  # fmt: skip
     job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
     output = job.stdout + job.stderr

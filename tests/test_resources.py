@@ -86,7 +86,7 @@ def test_a_trainer_that_cannot_be_placed_is_a_clear_error(ray_local, tiny_model,
         assert "trainer actor" in message and "{'CPU': 64.0}" in message
         assert "{'CPU': 2.0}" in message  # what the cluster has
         assert "schedule_timeout_s" in message
-        assert service._trainers == {} and _pending_groups() == 0  # nothing left behind
+        assert service.hosts == {} and _pending_groups() == 0  # nothing left behind
     finally:
         service.close()
 

@@ -52,6 +52,15 @@ class TrainerConfig:
     gradients add up to the batch's. 0: as many as the memory free at the time of the call
     holds (trainers/memory.py); a number caps that too."""
 
+    max_resident_adapters: int = 0
+    """Most adapters kept in the model at once; calling another pages it in and the least
+    recently used one out (its weights, gradients and AdamW state: trainers/paging.py), with
+    the same results. 0: no bound."""
+
+    max_host_adapters: int = 0
+    """Paged-out adapters kept in host memory; past it, they go to files under
+    `checkpoint_dir` (on a CPU trainer the host is where they were: 0 sends them to disk)."""
+
     memory_limit_gib: float | None = None
     """Most memory the trainer process may use, its model included, GiB; model calls are sized
     to stay under it. None: what the machine (or the GPU) has free, less a 10% headroom."""
@@ -101,6 +110,8 @@ class TrainerConfig:
             ("shared_prefix_row_tokens", self.shared_prefix_row_tokens >= 0),
             ("shared_prefix_min_tokens", self.shared_prefix_min_tokens >= 1),
             ("max_tokens_per_batch", self.max_tokens_per_batch >= 0),
+            ("max_resident_adapters", self.max_resident_adapters >= 0),
+            ("max_host_adapters", self.max_host_adapters >= 0),
             ("memory_limit_gib", self.memory_limit_gib is None or self.memory_limit_gib > 0),
         ):
             if not ok:
@@ -123,6 +134,11 @@ class TrainerConfig:
                     "no GPU (give it num_gpus > 0, or device='auto' / 'cpu')"
                 )
         check_resources(self.resources, "TrainerConfig.resources")
+        if self.world_size > 1 and self.max_resident_adapters:
+            raise InvalidRequestError(
+                "TrainerConfig: max_resident_adapters needs a one-actor trainer (world_size=1); "
+                "a sharded trainer keeps every adapter resident"
+            )
         if self.world_size > 1 and self.num_gpus is not None and 0 < self.num_gpus < 1:
             raise InvalidRequestError(
                 f"TrainerConfig: world_size={self.world_size} with num_gpus={self.num_gpus}; "

@@ -55,6 +55,7 @@ from trainers.logprobs import target_logprobs
 from trainers.losses import LOSSES
 from trainers.memory import GIB, MemoryBudget, ModelShape
 from trainers.packing import TrieRow, pack_bucket, plan_rows
+from trainers.paging import PagedAdapter, page_in, page_out
 from trainers.validation import PreparedBatch, prepare_batch
 
 
@@ -62,10 +63,18 @@ from trainers.validation import PreparedBatch, prepare_batch
 class Adapter:
     name: str  # peft adapter name (model ids may hold characters peft dislikes)
     lora_config: LoraConfig
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.AdamW
+    params: list[torch.nn.Parameter]  # empty while paged out
+    optimizer: torch.optim.AdamW | None  # None while paged out
     step: int = 0
     pending_backwards: int = 0  # forward_backward calls since the last optim_step
+    paged: PagedAdapter | None = None  # its state, while out of the model (trainers/paging.py)
+    last_used: int = 0  # the trainer's call count at its last call (least recent pages out)
+
+    @property
+    def adam(self) -> torch.optim.AdamW:
+        """The optimizer of a resident adapter."""
+        assert self.optimizer is not None, "the adapter is paged out"
+        return self.optimizer
 
 
 class LoraTrainer:
@@ -90,6 +99,8 @@ class LoraTrainer:
         self._group = distributed.Group()
         self._peft: PeftModel | None = None
         self._adapters: dict[str, Adapter] = {}
+        self._calls = 0  # calls on adapters so far: their recency (least recent pages out)
+        self._paging_dir = self.config.resolved_checkpoint_dir() / f".paged-{secrets.token_hex(4)}"
         self._active: str | None = None
         self._names = (f"adapter{i}" for i in itertools.count())
         hf_config = model.config
@@ -113,6 +124,14 @@ class LoraTrainer:
             raise InvalidRequestError(f"model id {model_id!r} exists already")
         seed = lora_config.seed if lora_config.seed is not None else secrets.randbits(31)
         lora_config = lora_config.model_copy(update={"seed": seed})
+        name, params = self._inject(lora_config)
+        optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12)
+        self._adapters[model_id] = Adapter(name, lora_config, params, optimizer)
+        self._touch(model_id)
+        return self.get_info(model_id)
+
+    def _inject(self, lora_config: LoraConfig) -> tuple[str, list[torch.nn.Parameter]]:
+        """A new peft adapter for `lora_config` in the model: (its peft name, its parameters)."""
         name = next(self._names)
         peft_config = lora.peft_config(self._base, lora_config, self.config.lora_alpha)
         # LoRA A is drawn from the global torch RNG: seed it locally so the same seed gives
@@ -121,7 +140,7 @@ class LoraTrainer:
         # embedding; that is intended: the unembed adapter changes the output projection only.
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-            torch.manual_seed(seed)
+            torch.manual_seed(lora_config.seed or 0)
             if self._peft is None:
                 self._peft = get_peft_model(self._base, peft_config, adapter_name=name)
             else:
@@ -129,10 +148,8 @@ class LoraTrainer:
         params = [p for n, p in self._peft.named_parameters() if f".{name}." in n]
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=0.0, betas=(0.9, 0.95), eps=1e-12)
-        self._adapters[model_id] = Adapter(name, lora_config, params, optimizer)
         self._active = None
-        return self.get_info(model_id)
+        return name, params
 
     def create_adapter_from_state(
         self, model_id: str, path: str, with_optimizer: bool
@@ -150,24 +167,25 @@ class LoraTrainer:
     def release(self, model_id: str) -> None:
         """Deletes the adapter, its optimizer state and gradients, and gives the memory back
         to the OS (malloc keeps freed pages otherwise)."""
-        adapter = self._adapter(model_id)
-        assert self._peft is not None
-        self._peft.delete_adapter(adapter.name)
+        adapter = self._record(model_id)
         del self._adapters[model_id]
+        if adapter.paged is not None and adapter.paged.path is not None:
+            adapter.paged.path.unlink(missing_ok=True)
+        self._delete_from_model(adapter.name)
         self._active = None
         del adapter
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self._free_memory()
 
     def adapter_ids(self) -> list[str]:
-        """The model ids of the adapters this trainer holds."""
+        """The model ids of the adapters this trainer holds, resident or paged out."""
         return list(self._adapters)
 
+    def resident_adapter_ids(self) -> list[str]:
+        """Those of them in the model now."""
+        return [m for m, a in self._adapters.items() if a.paged is None]
+
     def get_info(self, model_id: str) -> GetInfoResponse:
-        adapter = self._adapter(model_id)
+        adapter = self._record(model_id)
         return GetInfoResponse(
             model_id=model_id,
             model_data=ModelData(
@@ -286,15 +304,15 @@ class LoraTrainer:
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
         if params.grad_clip_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(adapter.params, params.grad_clip_norm, grad_norm)
-        for group in adapter.optimizer.param_groups:
+        for group in adapter.adam.param_groups:
             group.update(
                 lr=params.learning_rate,
                 betas=(params.beta1, params.beta2),
                 eps=params.eps,
                 weight_decay=params.weight_decay,
             )
-        adapter.optimizer.step()
-        adapter.optimizer.zero_grad(set_to_none=True)
+        adapter.adam.step()
+        adapter.adam.zero_grad(set_to_none=True)
         adapter.step += 1
         adapter.pending_backwards = 0
         return OptimStepResponse(
@@ -316,7 +334,7 @@ class LoraTrainer:
             self._meta(adapter, has_optimizer=True),
             lora.adapter_config_dict(self._peft_model(), adapter.name, self.model_path),
             lora.adapter_state_dict(self._peft_model(), adapter.name),
-            adapter.optimizer.state_dict(),
+            adapter.adam.state_dict(),
             overwrite=overwrite,
         )
         return SaveWeightsResponse(path=str(path))
@@ -366,7 +384,7 @@ class LoraTrainer:
         if optimizer is not None:
             adapter.optimizer = optimizer
             adapter.step = checkpoint.meta.step
-        adapter.optimizer.zero_grad(set_to_none=True)
+        adapter.adam.zero_grad(set_to_none=True)
         adapter.pending_backwards = 0
         return LoadWeightsResponse(path=str(path))
 
@@ -399,12 +417,66 @@ class LoraTrainer:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _adapter(self, model_id: str) -> Adapter:
+    def _record(self, model_id: str) -> Adapter:
+        """The adapter's record, resident or paged out."""
         adapter = self._adapters.get(model_id)
         if adapter is None:
             known = ", ".join(sorted(self._adapters)) or "none"
             raise NotFoundError(f"unknown model id {model_id!r} (this trainer holds: {known})")
         return adapter
+
+    def _adapter(self, model_id: str) -> Adapter:
+        """The adapter, in the model: paged in if it was out (and the least recently used one
+        paged out, past TrainerConfig.max_resident_adapters)."""
+        adapter = self._record(model_id)
+        if adapter.paged is not None:
+            self._page_in(adapter)
+        self._touch(model_id)
+        return adapter
+
+    def _touch(self, model_id: str) -> None:
+        self._calls += 1
+        self._adapters[model_id].last_used = self._calls
+        bound = self.config.max_resident_adapters
+        resident = [(a.last_used, m) for m, a in self._adapters.items() if a.paged is None]
+        for _, victim in sorted(resident)[: max(0, len(resident) - bound) if bound else 0]:
+            self._page_out(self._adapters[victim])
+        on_host = [a for a in self._adapters.values() if a.paged and not a.paged.on_disk]
+        on_host.sort(key=lambda a: a.last_used)
+        for adapter in on_host[: max(0, len(on_host) - self.config.max_host_adapters)]:
+            assert adapter.paged is not None
+            adapter.paged.to_disk(self._paging_dir / f"{adapter.name}.safetensors")
+        if len(on_host) > self.config.max_host_adapters:
+            self._free_memory(collect=False)  # what went to disk leaves memory now
+
+    def _page_out(self, adapter: Adapter) -> None:
+        """Moves the adapter's weights, gradients and AdamW state out of the model."""
+        adapter.paged = page_out(adapter.params, adapter.adam)
+        adapter.optimizer = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _page_in(self, adapter: Adapter) -> None:
+        """Brings a paged-out adapter back into the model, exactly as it left."""
+        assert adapter.paged is not None
+        adapter.optimizer = torch.optim.AdamW(adapter.params, lr=0.0, betas=(0.9, 0.95), eps=1e-12)
+        page_in(adapter.params, adapter.paged, adapter.optimizer)
+        adapter.paged = None
+
+    def _delete_from_model(self, name: str) -> None:
+        with warnings.catch_warnings():  # "adapter X was active which is now deleted": we know
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            self._peft_model().delete_adapter(name)
+
+    def _free_memory(self, collect: bool = True) -> None:
+        """Gives freed memory back: the device cache, and the pages malloc keeps (after a
+        garbage collection, unless only tensors with no cycles were freed)."""
+        if collect:
+            gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     def _peft_model(self) -> PeftModel:
         assert self._peft is not None, "no adapter created yet"
@@ -567,7 +639,7 @@ class LoraTrainer:
 
     def _checkpoint_path(self, model_id: str, kind: str, name: str) -> Path:
         path = checkpoint_path(self.config.resolved_checkpoint_dir(), model_id, kind, name)
-        self._adapter(model_id)  # after the name's check, as before any other
+        self._record(model_id)  # after the name's check, as before any other
         return path
 
     def _meta(self, adapter: Adapter, *, has_optimizer: bool) -> CheckpointMeta:
