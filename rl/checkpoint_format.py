@@ -9,8 +9,9 @@ as standard PEFT adapters, and the server's run records point at the same direct
 
 Each holds `adapter_config.json` + `adapter_model.safetensors` (standard PEFT) and
 `engineroom.json` (base model, its fingerprint, LoRA config, step); `weights/` also holds
-`optimizer.pt`. A directory is written under a temporary name and renamed into place, so a
-process killed mid-save never leaves a half-written checkpoint behind.
+`optimizer.pt`. A directory is written under a temporary name, fsync'd and renamed into place,
+so a process killed mid-save (or a machine losing power) never leaves a half-written checkpoint
+behind, and one whose save returned is on disk.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rl.durable import fsync_directory, fsync_tree
 from rl.errors import CheckpointError, InvalidRequestError
 from rl.types import LoraConfig
 
@@ -116,6 +118,7 @@ def write_checkpoint(
         if optimizer is not None:
             torch.save(optimizer, tmp / OPTIMIZER)
         (tmp / METADATA).write_text(json.dumps(meta.to_json(), indent=2))
+        fsync_tree(tmp)  # on disk before the rename makes it the checkpoint
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -126,6 +129,7 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_directory(path.parent)  # the rename itself
     return path
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rl.console import warn
+from rl.durable import write_atomically
 from rl.errors import CheckpointError, InvalidRequestError, TrainerRestartedError
 
 if TYPE_CHECKING:
@@ -94,7 +95,8 @@ def start_run(
         check_run_config(root, config, may_differ=may_differ)
         return last_checkpoint(root)
     root.mkdir(parents=True, exist_ok=True)
-    _write_atomic(config_path, json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
+    write_atomically(config_path, text, mode=0o644)
     return None
 
 
@@ -221,15 +223,6 @@ def rng_from_json(state: Any) -> random.Random:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _repair_tail(path: Path) -> None:

@@ -6,10 +6,11 @@ tinker-cookbook run against it unmodified.
     python my_tinker_script.py                # `import tinker`, unchanged
 
 Layout: `app.py` (the FastAPI app: body limit, error answers), `routes/` (the HTTP routes,
-one module per concern: sessions, training, sampling, futures, runs), `state.py` (sessions,
-models, samplers, per-model order), `futures.py` (request futures, seq_id ordering),
-`store.py` (durable runs and checkpoints), `wire.py` (protobuf and JSON <-> engineroom
-records), `keys.py` (API keys), `config.py`.
+one module per concern: sessions, training, sampling, futures, runs, metrics), `state.py`
+(sessions, models, samplers, per-model order), `lifecycle.py` (sessions ended when their
+heartbeats stop), `limits.py` (per-tenant caps), `metrics.py` (`GET /metrics`), `futures.py`
+(request futures, seq_id ordering), `store.py` (durable runs and checkpoints, storage caps),
+`wire.py` (protobuf and JSON <-> engineroom records), `keys.py` (API keys), `config.py`.
 The training and sampling are the in-process client API's (`rl.ServiceClient`): the server
 adds names, order, tenancy and the wire, not a second trainer or sampler.
 """

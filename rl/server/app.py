@@ -5,13 +5,14 @@ Thin handlers: authenticate, parse the body with the `tinker` SDK's own types (o
 protobuf), call `ServerState`, answer. Conventions of the protocol, in one place:
 
 - `X-API-Key` names the tenant (rl/server/keys.py); a missing or unknown key is 401. Only
-  `GET /api/v1/healthz` answers without one.
+  `GET /api/v1/healthz` and `GET /metrics` (unless `--metrics_key_required`) answer without one.
 - Long calls answer `{"request_id", "model_id"}` at once; `POST /retrieve_future` long-polls
   (`long_poll_s`) and answers `{"type": "try_again"}`, the result (protobuf for
   `ForwardBackwardOutput` and `SampleResponse`, JSON otherwise), or
   `{"error", "category"}` with category "user" for bad input.
 - A body that does not parse is 400 with what is wrong; a body over `max_body_mib` is 413;
-  an id of another tenant is 404 like an unknown one; a full sampling queue is 429.
+  an id of another tenant is 404 like an unknown one; a full sampling queue, or a tenant's
+  full in-flight cap, is 429 for a sample (rl/server/limits.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rl.errors import CheckpointError, InvalidRequestError, NotFoundError
 from rl.server.keys import KeyStore
-from rl.server.routes import futures, refused, runs, sampling, sessions, training
+from rl.server.metrics import RequestTimer
+from rl.server.routes import futures, metrics, refused, runs, sampling, sessions, training
 from rl.server.routes.common import UnauthorizedError
 from rl.server.state import ServerState
 from rl.server.wire import WireError
@@ -80,6 +82,7 @@ def create_app(state: ServerState, keys: KeyStore) -> FastAPI:
     app.state.server_state = state
     app.state.keys = keys
     app.add_middleware(BodyLimit, limit=int(state.config.max_body_mib * 2**20))
+    app.add_middleware(RequestTimer, metrics=state.metrics)  # outermost: times the 413s too
     app.exception_handler(RequestValidationError)(_malformed_body)
     app.exception_handler(UnauthorizedError)(_unauthorized)
     app.exception_handler(NotFoundError)(_not_found)
@@ -88,6 +91,7 @@ def create_app(state: ServerState, keys: KeyStore) -> FastAPI:
     app.exception_handler(Exception)(_failed)
     for routes in (sessions, training, refused, sampling, futures, runs):
         app.include_router(routes.router, prefix=PREFIX)
+    app.include_router(metrics.router)  # GET /metrics, where Prometheus looks
     return app
 
 

@@ -32,6 +32,16 @@ class ServerConfig:
     """Largest request body, MiB; a larger one gets HTTP 413."""
     max_inflight_samples: int = 512
     """Sample requests in flight over all tenants before new ones get HTTP 429 (back-off)."""
+    max_inflight_per_tenant: int = 1024
+    """Calls of one tenant handed to the trainer or samplers and not finished, at most. Past it
+    a training call is accepted but waits in the server, in order; a sample gets HTTP 429,
+    which the SDK retries (rl/server/limits.py). 0 = no cap."""
+    max_models_per_tenant: int = 64
+    """Models (training clients) one tenant may have alive at once; creating one more is refused
+    (HTTP 400) until one is released: its session closed, or unload_model. 0 = no cap."""
+    metrics_key_required: bool = False
+    """GET /metrics answers only with a valid API key (X-API-Key, or Authorization: Bearer). Off
+    by default, for a scraper on this machine; /metrics shows every tenant's name and counts."""
     max_chunk_datums: int = 1024
     """Datums per forward_backward request the SDK sends; larger batches come as chunks."""
     long_poll_s: float = 20.0
@@ -40,6 +50,10 @@ class ServerConfig:
     """A session whose heartbeats (every 10 s from the SDK) stop for this long is ended: its
     models and samplers are released (their checkpoints stay). An hour outlasts a network blip
     and a laptop closed for a meeting (rl/server/lifecycle.py)."""
+    max_checkpoint_gib_per_tenant: float = 0.0
+    """Checkpoint storage per tenant, GiB, counted from the files of its listed checkpoints; a
+    save that would go over it is refused with an error naming the cap and the tenant's use
+    (deleting checkpoints or letting their TTL run out frees room). 0 = no cap."""
     verbose: bool = False
     """Log every request, and show Ray's, vLLM's and transformers' logs on the console."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -73,8 +87,16 @@ class ServerConfig:
     }
 
     def __post_init__(self) -> None:
+        if not self.max_checkpoint_gib_per_tenant >= 0:
+            raise InvalidRequestError(
+                f"--max_checkpoint_gib_per_tenant={self.max_checkpoint_gib_per_tenant} must be "
+                ">= 0 (0 = no cap)"
+            )
         if not self.session_timeout_s > 0:
             raise InvalidRequestError(f"--session_timeout_s={self.session_timeout_s} must be > 0")
+        for cap in ("max_inflight_per_tenant", "max_models_per_tenant"):
+            if (value := getattr(self, cap)) < 0:
+                raise InvalidRequestError(f"--{cap}={value} must be >= 0 (0 = no cap)")
         if self.sampler.max_model_len is None:
             raise InvalidRequestError(
                 "--sampler.max_model_len must be a number for the server: it advertises it"

@@ -9,22 +9,31 @@ the SHA-256 of its key with a per-key salt; the key itself is never written. A l
 the presented key against every entry and compares with `hmac.compare_digest`, so the time it
 takes does not depend on which entry (if any) matches. Keys start with `tml-`, the prefix the
 `tinker` SDK insists on.
+
+Every write replaces the file atomically and durably (`rl.durable.write_atomically`: a temporary file in
+the same directory, fsync'd, renamed over the old one, then the directory fsync'd), so a server
+or `keys` command killed at any moment leaves the old file or the new one, never a mix; and a
+`keys` command holds an exclusive lock on the file's directory while it reads, changes and
+writes, so two at once do not lose each other's change.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rl.durable import write_atomically
 from rl.errors import InvalidRequestError
 
 KEY_PREFIX = "tml-"
@@ -43,6 +52,17 @@ def _digest(salt: str, key: str) -> str:
     return hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """An exclusive lock on `directory`, between processes (a server and `keys` commands)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class KeyStore:
     """The keys file; re-read when it changes on disk, so `keys add` on a running server works."""
 
@@ -50,7 +70,9 @@ class KeyStore:
         self.path = Path(path).expanduser()
         self._lock = threading.Lock()
         self._entries: list[KeyEntry] = []
-        self._mtime: float | None = None
+        # The file as last read: (inode, mtime, size); a write replaces the inode, so a change
+        # within the clock's granularity is seen too.
+        self._stamp: tuple[int, int, int] | None = None
 
     def entries(self) -> list[KeyEntry]:
         with self._lock:
@@ -65,8 +87,7 @@ class KeyStore:
             )
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         salt = secrets.token_hex(16)
-        with self._lock:
-            self._reload()
+        with self._changing():
             if any(e.name == name for e in self._entries):
                 raise InvalidRequestError(f"tenant {name!r} has a key already; revoke it first")
             self._entries.append(KeyEntry(name, salt, _digest(salt, key), time.time()))
@@ -74,8 +95,7 @@ class KeyStore:
         return key
 
     def revoke(self, name: str) -> bool:
-        with self._lock:
-            self._reload()
+        with self._changing():
             kept = [e for e in self._entries if e.name != name]
             if len(kept) == len(self._entries):
                 return False
@@ -96,35 +116,48 @@ class KeyStore:
                 found = entry.name
         return found
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Holds both locks and the file's latest content, for a read-modify-write."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, _exclusive(self.path.parent):
+            self._stamp = None  # re-read whatever the stamp says
+            self._reload()
+            try:
+                yield
+            except BaseException:
+                self._stamp = None  # a failed write: re-read the file, not what was changed
+                raise
+
     def _reload(self) -> None:
         try:
-            mtime = self.path.stat().st_mtime_ns
+            stamp = _stamp(self.path)
         except FileNotFoundError:
-            self._entries, self._mtime = [], None
+            self._entries, self._stamp = [], None
             return
-        if mtime == self._mtime:
+        if stamp == self._stamp:
             return
         raw = json.loads(self.path.read_text() or "{}")
         self._entries = [
             KeyEntry(name, e["salt"], e["sha256"], float(e.get("created", 0.0)))
             for name, e in raw.get("keys", {}).items()
         ]
-        self._mtime = mtime
+        self._stamp = stamp
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "keys": {
                 e.name: {"salt": e.salt, "sha256": e.digest, "created": e.created}
                 for e in self._entries
             }
         }
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".keys-")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
-        self._mtime = self.path.stat().st_mtime_ns
+        write_atomically(self.path, json.dumps(data, indent=2))
+        self._stamp = _stamp(self.path)
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 __all__ = ["KEY_PREFIX", "KeyEntry", "KeyStore"]

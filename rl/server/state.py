@@ -36,6 +36,8 @@ from rl.models import resolve_model
 from rl.server.config import ServerConfig
 from rl.server.futures import Encoding, FutureStore, ModelOrder, failed, flatten
 from rl.server.lifecycle import SessionReaper
+from rl.server.limits import InflightGate, check_models
+from rl.server.metrics import ServerMetrics, metered
 from rl.server.store import RunRecord, RunStore, tinker_path
 from rl.server.wire import ForwardBackwardCall, model_input, sampling_params
 from rl.types import AdamParams
@@ -88,6 +90,8 @@ class ServerState:
         # Model ids released (session ended, unload_model) -> why, for a clear error later.
         self._released: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._served = self._served_models(config)
+        self.limits = InflightGate(config.max_inflight_per_tenant)
+        self.metrics = ServerMetrics(self)
         self._reaper = SessionReaper(self, config.session_timeout_s)
 
     # -- models this server serves ---------------------------------------------------------
@@ -145,6 +149,7 @@ class ServerState:
         session.last_heartbeat = time.time()
         return not session.finished
 
+    @metered()
     def finish_session(self, tenant: str, session_id: str) -> None:
         """The SDK's `close`: the session's models and samplers are released at once."""
         self.session(tenant, session_id)
@@ -183,6 +188,7 @@ class ServerState:
             self._release_sampler(sampler_id)
         logger.info("session %s ended (%s): released %d model(s)", session_id, why, len(models))
 
+    @metered()
     def unload_model(self, tenant: str, model_id: str) -> None:
         """Releases the model now (its adapter, optimizer state and sampler weights)."""
         self.model(tenant, model_id)  # another tenant's or an unknown one: NotFoundError
@@ -190,15 +196,18 @@ class ServerState:
 
     def close(self) -> None:
         self._reaper.stop()
+        self.limits.close()
 
     def _release_model(self, model_id: str, why: str) -> None:
         with self._lock:
             model = self._models.pop(model_id, None)
+            self._creating.pop(model_id, None)
             if model is None:
                 return
             self._released[model_id] = why
             while len(self._released) > _RELEASED_KEPT:
                 self._released.popitem(last=False)
+        self.metrics.released(model.tenant, why)
         self.service.release(model.client, why)
 
     def _release_sampler(self, sampler_id: str) -> None:
@@ -214,6 +223,7 @@ class ServerState:
 
     # -- training clients ------------------------------------------------------------------
 
+    @metered()
     def create_model(self, tenant: str, request: tt.CreateModelRequest) -> str:
         """Starts creating the model; returns the request id of its future."""
         self.session(tenant, request.session_id)
@@ -238,6 +248,7 @@ class ServerState:
 
         return self._start_model(tenant, model_id, create)
 
+    @metered()
     def create_model_from_state(self, tenant: str, request: tt.LoadWeightsRequest) -> str:
         """`load_weights` with session addressing: a new model from a checkpoint (seq 0)."""
         assert request.session_id is not None and request.model_seq_id is not None
@@ -265,9 +276,35 @@ class ServerState:
                 return self._creating[model_id][1]  # a retried request: the same future
             if model_id in self._models:
                 raise InvalidRequestError(f"model {model_id!r} exists already")
+            check_models(tenant, self._models_alive()[tenant], self.config.max_models_per_tenant)
             request_id = self.futures.add(tenant, _blocking.submit(create), "json", model_id)
             self._creating[model_id] = (tenant, request_id)
             return request_id
+
+    def models_alive(self) -> dict[str, int]:
+        """Models per tenant, those being created included (what the model cap counts)."""
+        with self._lock:
+            return dict(self._models_alive())
+
+    def _models_alive(self) -> collections.Counter[str]:
+        """The same, for a caller that holds the lock."""
+        alive = collections.Counter(m.tenant for m in self._models.values())
+        for model_id, (tenant, request_id) in self._creating.items():
+            if model_id in self._models:
+                continue
+            with contextlib.suppress(NotFoundError):  # forgotten: it finished long ago
+                if not self.futures.get(tenant, request_id).future.done():
+                    alive[tenant] += 1
+        return alive
+
+    def held_calls(self) -> dict[str, int]:
+        """Calls held for their seq_id's turn, per tenant."""
+        with self._lock:
+            models = list(self._models.values())
+        held: collections.Counter[str] = collections.Counter()
+        for model in models:
+            held[model.tenant] += len(model.order.waiting())
+        return dict(held)
 
     def _add_model(
         self,
@@ -350,10 +387,11 @@ class ServerState:
             raise InvalidRequestError("the request has no seq_id")
         return model.order.submit(
             seq_id,
-            lambda: start(model.client),
+            lambda: self.limits.run(tenant, lambda: start(model.client)),
             lambda future: self.futures.add(tenant, future, encoding, model_id),
         )
 
+    @metered(lambda call: "forward" if call.forward_only else "forward_backward")
     def forward_backward(self, tenant: str, call: ForwardBackwardCall) -> str:
         def start(client: TrainingClient) -> concurrent.futures.Future:
             if call.error is not None or call.data is None:
@@ -363,6 +401,7 @@ class ServerState:
 
         return self.in_order(tenant, call.model_id, call.seq_id, start, "forward_backward")
 
+    @metered()
     def optim_step(self, tenant: str, request: tt.OptimStepRequest) -> str:
         params = request.optim_params
 
@@ -377,10 +416,14 @@ class ServerState:
 
         return self.in_order(tenant, request.model_id, request.seq_id, start)
 
+    @metered()
     def save_weights(self, tenant: str, request: tt.SaveWeightsRequest) -> str:
         name = request.path or f"state-{request.seq_id}"
+        cap = self.config.max_checkpoint_gib_per_tenant
 
         def start(client: TrainingClient) -> concurrent.futures.Future:
+            self.runs.check_room(tenant, request.model_id, "weights", name, cap)
+
             def record(_: Any) -> tt.SaveWeightsResponse:
                 path = self.runs.add_checkpoint(
                     request.model_id, "weights", name, request.user_metadata, request.ttl_seconds
@@ -391,6 +434,7 @@ class ServerState:
 
         return self.in_order(tenant, request.model_id, request.seq_id, start)
 
+    @metered()
     def save_weights_for_sampler(
         self, tenant: str, request: tt.SaveWeightsForSamplerRequest
     ) -> str:
@@ -427,8 +471,11 @@ class ServerState:
     ) -> str:
         name = request.path
         assert name is not None
+        cap = self.config.max_checkpoint_gib_per_tenant
 
         def start(client: TrainingClient) -> concurrent.futures.Future:
+            self.runs.check_room(tenant, request.model_id, "sampler_weights", name, cap)
+
             def record(_: Any) -> tt.SaveWeightsForSamplerResponseInternal:
                 path = self.runs.add_checkpoint(
                     request.model_id,
@@ -443,6 +490,7 @@ class ServerState:
 
         return self.in_order(tenant, request.model_id, request.seq_id, start)
 
+    @metered()
     def load_weights(self, tenant: str, request: tt.LoadWeightsRequest) -> str:
         """Legacy addressing: load into an existing model, in its order."""
         assert request.model_id is not None
@@ -459,6 +507,7 @@ class ServerState:
 
     # -- sampling --------------------------------------------------------------------------
 
+    @metered()
     def create_sampling_session(
         self, tenant: str, request: tt.CreateSamplingSessionRequest
     ) -> concurrent.futures.Future:
@@ -502,6 +551,7 @@ class ServerState:
             raise NotFoundError(f"sampler {sampler_id!r} not found")
         return sampler
 
+    @metered()
     def sample(self, tenant: str, request: tt.SampleRequest) -> str:
         if not request.sampling_session_id:
             raise InvalidRequestError("asample needs a sampling_session_id")
@@ -517,6 +567,7 @@ class ServerState:
             ).future()
         except (InvalidRequestError, NotFoundError, ValueError) as error:
             future = failed(error)  # bad input: a failed future with category "user"
+        self.limits.track(tenant, future)
         return self.futures.add(tenant, future, "sample")
 
     def sampling_busy(self) -> bool:

@@ -9,4 +9,5 @@ mounts each under `/api/v1`. Handlers read the `ServerState` and the `KeyStore` 
     sampling.py   sampling sessions and `asample`
     futures.py    `retrieve_future`: the long poll that answers every future
     runs.py       the REST side: training runs, checkpoints (list, delete, TTL), weights info
+    metrics.py    `GET /metrics` (at the root, not under `/api/v1`): Prometheus text
 """

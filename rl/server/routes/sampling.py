@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from tinker import types as tt
 
 from rl.server.routes.common import State, Tenant, future
+from rl.server.state import ServerState
 
 router = APIRouter()
 
@@ -34,12 +35,25 @@ async def get_sampler(sampler_id: str, who: Tenant, state: State) -> dict[str, s
 
 @router.post("/asample", response_model=None)
 async def asample(body: tt.SampleRequest, who: Tenant, state: State) -> Response | dict[str, Any]:
-    if state.sampling_busy():
-        return JSONResponse(
-            {"detail": "the sampling queue is full; back off and retry"},
-            429,
-            headers={"retry-after": "1"},
-        )
+    busy = _busy(state, who)
+    if busy is not None:
+        limit, detail = busy
+        state.metrics.limited(who, limit)
+        # The SDK's sampling client retries a 429 for as long as it takes.
+        return JSONResponse({"detail": detail}, 429, headers={"retry-after": "1"})
     request_id = state.sample(who, body)
     ids = [f"{request_id}:{i}" for i in range(body.num_samples)]
     return future(request_id, sample_sequence_ids=ids)
+
+
+def _busy(state: ServerState, who: str) -> tuple[str, str] | None:
+    """(the limit, why) when a sample must wait: the server's queue or the tenant's is full."""
+    if state.sampling_busy():
+        return "sampling_queue", "the sampling queue is full; back off and retry"
+    if not state.limits.has_room(who):
+        cap = state.config.max_inflight_per_tenant
+        return "inflight", (
+            f"tenant {who!r} has {cap} calls in flight, this server's cap "
+            "(--max_inflight_per_tenant); back off and retry"
+        )
+    return None
