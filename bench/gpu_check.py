@@ -25,6 +25,9 @@ Ray actor is a thin shell around it).
 4. sampler: the torch engine (samplers/engine_torch.py) on the device, 64 prompts x 128
    tokens, one request at a time as the engine serves them; stops early at
    `sampler_budget_s` and reports the prompts it finished.
+5. tenants: 8 tenants' forward_backward calls (LoRA r32, the Qwen3-0.6B shape, 64 rows x 256
+   tokens in all) as one shared pass (bench/bench_tenants.py) against one tenant with all the
+   rows and against the calls one by one. Targets: >= 0.9x one tenant, >= 3x one by one.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class Config:
     """where the measured side runs"""
     shapes: Literal["real", "tiny"] = "real"
     """real: Qwen3-0.6B / 4B shapes; tiny: for CI"""
-    parts: str = "throughput,mfu,numerics,sampler"
+    parts: str = "throughput,mfu,numerics,sampler,tenants"
     """which checks to run, comma-separated"""
     seq_lens: str = "16384,4096"
     """throughput sequence lengths (tiny: 64,32)"""
@@ -464,11 +467,34 @@ def sampler(config: Config, workdir: Path) -> dict[str, Any]:
     return row
 
 
+def tenants(config: Config, workdir: Path) -> list[dict[str, Any]]:
+    """Shared passes of 1, 2, 4, 8 tenants (bench/bench_tenants.py) on the device."""
+    from bench.bench_tenants import measure_tenants
+
+    shape = TINY if config.shapes == "tiny" else QWEN3_0_6B
+    model_dir = build_model(workdir / "qwen3-0.6b-tenants", shape, config.device, config.seed)
+    rows, tokens = (8, 32) if config.shapes == "tiny" else (64, 256)
+    trainer_config = {"device": config.device, "checkpoint_dir": str(workdir / "ckpt-tenants")}
+    results = measure_tenants(
+        model_dir, trainer_config, [1, 2, 4, 8], rows, tokens, 32, config.steps,
+        sync=lambda: _sync(config.device), vocab_size=shape["vocab_size"],
+    )  # fmt: skip
+    for r in results:
+        print(
+            f"tenants {r['tenants']:.0f}: shared {r['shared']:,.0f} tok/s = "
+            f"{r['shared_vs_one_tenant']:.2f}x one tenant (target >= 0.9), "
+            f"{r['shared_vs_one_by_one']:.2f}x one by one (target >= 3 at 8)",
+            flush=True,
+        )
+    return results
+
+
 PARTS: dict[str, Callable[[Config, Path], Any]] = {
     "throughput": throughput,
     "mfu": mfu,
     "numerics": numerics,
     "sampler": sampler,
+    "tenants": tenants,
 }
 
 

@@ -66,6 +66,12 @@ def test_gpu_check_on_cpu_with_tiny_shapes(tmp_path):
     assert sampler["prompts"] == sampler["prompts_asked"] == 4
     assert sampler["tokens"] == 4 * 8 and sampler["tokens_per_s"] > 0
 
+    tenants = results["tenants"]
+    assert [row["tenants"] for row in tenants] == [1, 2, 4, 8]
+    for row in tenants:
+        for key in ("shared", "one_by_one", "one_tenant", "shared_vs_one_by_one"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+
     # The printed report names every part and its comparison.
     for text in ("throughput seq 64", "vs prime-rl anchor", "numerics (cpu vs cpu", "sampler"):
         assert text in stdout, text

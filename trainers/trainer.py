@@ -32,7 +32,7 @@ from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
 from rl.checkpoint_format import CheckpointMeta, checkpoint_path, read_checkpoint, write_checkpoint
-from rl.errors import CheckpointError, InvalidRequestError, NotFoundError
+from rl.errors import CheckpointError, EngineRoomError, InvalidRequestError, NotFoundError
 from rl.models import model_fingerprint, resolve_model
 from rl.packed import PackedTensors
 from rl.types import (
@@ -54,6 +54,7 @@ from trainers.config import TrainerConfig
 from trainers.logprobs import target_logprobs
 from trainers.losses import LOSSES
 from trainers.memory import GIB, MemoryBudget, ModelShape
+from trainers.mixed import Call, MixedBatch, adapters_of_rows, tokens_with_adapter
 from trainers.packing import TrieRow, pack_bucket, plan_rows
 from trainers.paging import PagedAdapter, page_in, page_out
 from trainers.validation import PreparedBatch, prepare_batch
@@ -100,6 +101,7 @@ class LoraTrainer:
         self._peft: PeftModel | None = None
         self._adapters: dict[str, Adapter] = {}
         self._calls = 0  # calls on adapters so far: their recency (least recent pages out)
+        self.shared_passes = 0  # passes that ran several adapters' calls together
         self._paging_dir = self.config.resolved_checkpoint_dir() / f".paged-{secrets.token_hex(4)}"
         self._active: str | None = None
         self._names = (f"adapter{i}" for i in itertools.count())
@@ -288,6 +290,123 @@ class LoraTrainer:
             _, metrics = self._loss(batch, range(len(logprobs)), logprobs)
         return _output(logprobs, metrics)
 
+    def forward_backward_many(
+        self, calls: list[Call]
+    ) -> list[ForwardBackwardOutput | EngineRoomError]:
+        """`forward` and `forward_backward` calls of different adapters as one pass over the
+        base model (trainers/mixed.py), as many adapters at a time as may be resident: each
+        call gets the outputs and gradients it would get alone. A call with bad input, or
+        whose loss or gradient is not finite, fails alone: its error takes its place."""
+        results: list[ForwardBackwardOutput | EngineRoomError | None] = [None] * len(calls)
+        ready: list[tuple[int, Call, PreparedBatch]] = []
+        for i, call in enumerate(calls):
+            try:
+                if any(c.model_id == call.model_id for c in calls[:i]):
+                    raise InvalidRequestError(f"{call.model_id!r} has two calls in one pass")
+                self._record(call.model_id)
+                ready.append((i, call, self._prepare(call.data, call.loss_fn, call.loss_fn_config)))
+            except EngineRoomError as error:
+                results[i] = error
+        size = self.config.max_resident_adapters or len(ready) or 1
+        for start in range(0, len(ready), size):
+            self._shared_pass(ready[start : start + size], results)
+            self.shared_passes += 1
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _shared_pass(
+        self,
+        group: list[tuple[int, Call, PreparedBatch]],
+        results: list[ForwardBackwardOutput | EngineRoomError | None],
+    ) -> None:
+        """One pass for `group`'s calls (one per adapter); fills their places in `results`."""
+        adapters = [self._adapter(call.model_id) for _, call, _ in group]
+        for adapter, (_, call, _) in zip(adapters, group, strict=True):
+            for p in adapter.params:  # only the backward calls' adapters take gradients
+                p.requires_grad_(call.backward)
+        self._active = None  # no single adapter is active in a mixed pass
+        merged = PreparedBatch("", {}, [d for _, _, b in group for d in b.datums])
+        owners = [k for k, (_, _, b) in enumerate(group) for _ in b.datums]
+        mixed = MixedBatch(owners, [a.name for a in adapters])
+        starts = [owners.index(k) for k in range(len(group))]
+        saved = [[p.grad for p in a.params] for a in adapters]
+        for adapter, (_, call, _) in zip(adapters, group, strict=True):
+            for p in adapter.params:  # a call's gradient is computed alone, then added
+                p.grad = None if call.backward else p.grad
+        try:
+            local, losses = self._mixed_pass(group, merged, mixed, starts)
+        except BaseException:
+            for adapter, grads in zip(adapters, saved, strict=True):
+                for p, grad in zip(adapter.params, grads, strict=True):
+                    p.grad = grad
+            raise
+        for k, ((i, call, batch), adapter) in enumerate(zip(group, adapters, strict=True)):
+            logprobs = [local[starts[k] + j] for j in range(len(batch.datums))]
+            results[i] = self._finish_call(call, batch, adapter, saved[k], losses[k], logprobs)
+
+    def _mixed_pass(
+        self,
+        group: list[tuple[int, Call, PreparedBatch]],
+        merged: PreparedBatch,
+        mixed: MixedBatch,
+        starts: list[int],
+    ) -> tuple[dict[int, torch.Tensor], list[bool]]:
+        """Runs the buckets of a mixed pass, each call's loss backpropagated for its own
+        adapter; (logprobs by merged datum index, whether each call's losses were finite)."""
+        local: dict[int, torch.Tensor] = {}
+        finite = [True] * len(group)
+        with torch.enable_grad():
+            for bucket, bucket_logprobs in self._bucket_logprobs(merged, mixed):
+                total = None
+                for k, (_, call, batch) in enumerate(group):
+                    mine = [
+                        (i, lp)
+                        for i, lp in zip(bucket, bucket_logprobs, strict=True)
+                        if mixed.owners[i] == k
+                    ]
+                    if not mine or not call.backward:
+                        continue
+                    loss, _ = self._loss(
+                        batch, [i - starts[k] for i, _ in mine], [lp for _, lp in mine]
+                    )
+                    finite[k] = finite[k] and bool(torch.isfinite(loss))
+                    total = loss if total is None else total + loss
+                if total is not None:
+                    total.backward()
+                local.update(
+                    (i, lp.detach()) for i, lp in zip(bucket, bucket_logprobs, strict=True)
+                )
+        return local, finite
+
+    def _finish_call(
+        self,
+        call: Call,
+        batch: PreparedBatch,
+        adapter: Adapter,
+        saved: list[torch.Tensor | None],
+        finite: bool,
+        logprobs: list[torch.Tensor],
+    ) -> ForwardBackwardOutput | EngineRoomError:
+        """One call of a mixed pass: its gradient added to the adapter's accumulated one (or
+        the accumulated one put back, when the call failed), and its output."""
+        if call.backward:
+            grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in adapter.params)
+            if not finite or not grads_ok:
+                for p, grad in zip(adapter.params, saved, strict=True):
+                    p.grad = grad
+                what = "loss" if not finite else "loss's gradient"
+                return InvalidRequestError(
+                    f"the {call.loss_fn!r} {what} is not finite; check the advantages and the "
+                    "sampler logprobs (a huge logprob gap overflows the ratio)"
+                )
+            for p, grad in zip(adapter.params, saved, strict=True):
+                if grad is not None:
+                    p.grad = grad if p.grad is None else grad + p.grad
+            adapter.pending_backwards += 1
+        with torch.no_grad():
+            _, metrics = self._loss(batch, range(len(logprobs)), logprobs)
+        return _output(logprobs, metrics)
+
     def optim_step(self, model_id: str, params: AdamParams) -> OptimStepResponse:
         """One AdamW step on the accumulated gradient, then the gradient is cleared.
 
@@ -413,6 +532,7 @@ class LoraTrainer:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "call_tokens": float(getattr(self, "last_call_tokens", 0)),
             "memory_factor": self._budget.factor,
+            "shared_passes": float(self.shared_passes),
         }
 
     # -- internals ---------------------------------------------------------------------------
@@ -502,7 +622,7 @@ class LoraTrainer:
         )
 
     def _bucket_logprobs(
-        self, batch: PreparedBatch
+        self, batch: PreparedBatch, mixed: MixedBatch | None = None
     ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
         """Yields (datum indices, their target logprobs), one model call per bucket, for
         this rank's share of the batch; target logprobs are [N] or [N, K], fp32.
@@ -510,23 +630,19 @@ class LoraTrainer:
         Datums that share a prefix go into prefix-tree rows (trainers/packing.py); rows, or
         datums, are bucketed by length (few model calls, little padding). The vocabulary
         projection runs only on real (unpadded) positions. A rank with fewer buckets than
-        another then yields ([], [a scalar of the model's graph]) per missing call.
+        another then yields ([], [a scalar of the model's graph]) per missing call. With
+        `mixed`, the datums belong to several adapters (trainers/mixed.py): rows never mix
+        adapters, buckets do.
         """
         causal_lm: Any = self._peft_model().get_base_model()
         decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
         lengths = [d.length for d in batch.datums]
         share = self._group.share(lengths)
-        sequences = [batch.datums[i].tokens.tolist() for i in share]
-        if self._shares_prefixes:
-            rows = plan_rows(
-                sequences,
-                self.config.shared_prefix_min_tokens,
-                self.config.shared_prefix_row_tokens,
-            )
-        else:
-            rows = [TrieRow([j], [s], len(s)) for j, s in enumerate(sequences)]
-        for row in rows:  # positions in `share` -> datum indices
-            row.members = [share[j] for j in row.members]
+        owners = [mixed.owners[i] for i in share] if mixed else [0] * len(share)
+        rows = []
+        for owner in sorted(set(owners)):
+            mine = [j for j, o in zip(share, owners, strict=True) if o == owner]
+            rows += self._plan_rows(batch, mine)
         sizes = [row.size for row in rows]
         buckets = [
             [rows[j] for j in bucket]
@@ -544,11 +660,25 @@ class LoraTrainer:
             # measurement covers the call's whole peak.
             with self._budget.measure(len(bucket) * width, width):
                 if all(len(row.members) == 1 for row in bucket):
-                    yield self._padded_logprobs(
-                        batch, [row.members[0] for row in bucket], decoder, lm_head
-                    )
+                    datums = [row.members[0] for row in bucket]
+                    yield self._padded_logprobs(batch, datums, decoder, lm_head, mixed)
                 else:
-                    yield self._tree_logprobs(batch, bucket, decoder, lm_head)
+                    yield self._tree_logprobs(batch, bucket, decoder, lm_head, mixed)
+
+    def _plan_rows(self, batch: PreparedBatch, indices: list[int]) -> list[TrieRow]:
+        """Rows for the datums `indices`: prefix-tree rows where prefixes are shared."""
+        sequences = [batch.datums[i].tokens.tolist() for i in indices]
+        if self._shares_prefixes:
+            rows = plan_rows(
+                sequences,
+                self.config.shared_prefix_min_tokens,
+                self.config.shared_prefix_row_tokens,
+            )
+        else:
+            rows = [TrieRow([j], [s], len(s)) for j, s in enumerate(sequences)]
+        for row in rows:  # positions in `indices` -> datum indices
+            row.members = [indices[j] for j in row.members]
+        return rows
 
     def _call_tokens(self, longest: int) -> int:
         """Padded tokens one model call may hold: what the free memory holds at the batch's
@@ -564,7 +694,12 @@ class LoraTrainer:
         return self.config.shared_prefix_row_tokens > 0 and attention in ("sdpa", "eager")
 
     def _padded_logprobs(
-        self, batch: PreparedBatch, bucket: list[int], decoder: Any, lm_head: Any
+        self,
+        batch: PreparedBatch,
+        bucket: list[int],
+        decoder: Any,
+        lm_head: Any,
+        mixed: MixedBatch | None = None,
     ) -> tuple[list[int], list[torch.Tensor]]:
         """One datum per row, right-padded."""
         lengths = [batch.datums[i].length for i in bucket]
@@ -575,19 +710,21 @@ class LoraTrainer:
             ids[row, :length] = batch.datums[i].tokens
             mask[row, :length] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        with adapters_of_rows(decoder, mixed, bucket):
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         # The output head and log-softmax in chunks of tokens on GPU (trainers/logprobs.py);
         # datums with fewer top-K targets than others are padded with token 0, cut after.
         targets = [batch.datums[i].inputs["target_tokens"] for i in bucket]
         flat = [t.reshape(n, -1) for n, t in zip(lengths, targets, strict=True)]
         k = max(f.shape[1] for f in flat)
         padded = torch.cat([torch.nn.functional.pad(f, (0, k - f.shape[1])) for f in flat])
-        bucket_logprobs = target_logprobs(
+        token_datums = torch.repeat_interleave(torch.tensor(bucket), torch.tensor(lengths))
+        bucket_logprobs = self._head_logprobs(
             lm_head,
             hidden[mask.bool()],  # [tokens of the bucket, H]
             padded.to(self.device),
-            self._softcap,
-            self.config.resolved_chunk_tokens(self.device.type == "cuda"),
+            mixed,
+            token_datums,
         )
         rows = torch.split(bucket_logprobs, lengths)
         picked = [
@@ -597,31 +734,66 @@ class LoraTrainer:
         return bucket, picked
 
     def _tree_logprobs(
-        self, batch: PreparedBatch, rows: list[TrieRow], decoder: Any, lm_head: Any
+        self,
+        batch: PreparedBatch,
+        rows: list[TrieRow],
+        decoder: Any,
+        lm_head: Any,
+        mixed: MixedBatch | None = None,
     ) -> tuple[list[int], list[torch.Tensor]]:
         """Prefix-tree rows: each shared token and each shared (position, targets) once."""
         members = [i for row in rows for i in row.members]
         targets = {i: batch.datums[i].inputs["target_tokens"] for i in members}
         flat = {i: t.reshape(batch.datums[i].length, -1) for i, t in targets.items()}
         packed = pack_bucket(rows, flat, self._base.dtype)
-        hidden = decoder(
-            input_ids=packed.input_ids.to(self.device),
-            position_ids=packed.position_ids.to(self.device),
-            attention_mask=packed.mask.to(self.device),
-            use_cache=False,
-        ).last_hidden_state
-        head_logprobs = target_logprobs(
+        row_datums = [row.members[0] for row in rows]  # a row's datums share one adapter
+        with adapters_of_rows(decoder, mixed, row_datums):
+            hidden = decoder(
+                input_ids=packed.input_ids.to(self.device),
+                position_ids=packed.position_ids.to(self.device),
+                attention_mask=packed.mask.to(self.device),
+                use_cache=False,
+            ).last_hidden_state
+        head_logprobs = self._head_logprobs(
             lm_head,
             hidden[packed.head_rows.to(self.device), packed.head_nodes.to(self.device)],
             packed.head_targets.to(self.device),
-            self._softcap,
-            self.config.resolved_chunk_tokens(self.device.type == "cuda"),
+            mixed,
+            torch.tensor(row_datums)[packed.head_rows],
         )
         picked = [
             head_logprobs[pick.to(self.device)][:, : flat[i].shape[1]].reshape(targets[i].shape)
             for i, pick in zip(packed.datums, packed.picks, strict=True)
         ]
         return packed.datums, picked
+
+    def _head_logprobs(
+        self,
+        lm_head: Any,
+        hidden_T_H: torch.Tensor,
+        targets_T_K: torch.Tensor,
+        mixed: MixedBatch | None,
+        token_datums: torch.Tensor,
+    ) -> torch.Tensor:
+        """Target logprobs through the output head; with `mixed`, each adapter's tokens
+        (`token_datums`: the datum of each token) through that adapter's head."""
+        chunk = self.config.resolved_chunk_tokens(self.device.type == "cuda")
+        if mixed is None:
+            return target_logprobs(lm_head, hidden_T_H, targets_T_K, self._softcap, chunk)
+        token_owners = torch.tensor(mixed.owners)[token_datums]
+        order, parts = [], []
+        for owner in token_owners.unique().tolist():
+            where = (token_owners == owner).nonzero().squeeze(1)
+            with tokens_with_adapter(lm_head, mixed.names[owner]):
+                parts.append(
+                    target_logprobs(
+                        lm_head, hidden_T_H[where], targets_T_K[where], self._softcap, chunk
+                    )
+                )
+            order.append(where)
+        back = torch.empty_like(token_owners)
+        back[torch.cat(order)] = torch.arange(len(token_owners))
+        return torch.cat(parts)[back.to(self.device)]
 
     def _loss(
         self, batch: PreparedBatch, indices: Iterable[int], logprobs: list[torch.Tensor]

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import ray
 
+from rl.client.passes import SharedPasses
 from rl.errors import TrainerRankError
 from rl.futures import ray_get
 from rl.placement import Reservation
@@ -57,6 +58,9 @@ class TrainerHost:
         self.restart_seconds: list[float] = []  # how long each restart + restore took
         self.clients: list[Restorable] = []
         self._lock = threading.Lock()
+        # Calls of several clients waiting together share a pass; a sharded trainer runs
+        # each call alone.
+        self.passes = SharedPasses(base_model) if config.world_size == 1 else None
 
     @property
     def handle(self) -> Any:
@@ -104,6 +108,8 @@ class TrainerHost:
                     raise
 
     def close(self) -> None:
+        if self.passes is not None:
+            self.passes.close()
         self._kill()
         for reservation in self.reservations:
             reservation.release()

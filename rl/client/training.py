@@ -54,6 +54,7 @@ from rl.types import (
     SaveWeightsResponse,
     TensorData,
 )
+from trainers.mixed import Call
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -261,10 +262,16 @@ class TrainingClient:
     # -- internals ---------------------------------------------------------------------------
 
     def _call(self, method: str, *args: Any) -> APIFuture[Any]:
-        def call(actor: Any) -> Any:
+        passes = self._host.passes
+        if passes is not None and method in ("forward", "forward_backward"):
+            data, loss_fn, config = args
+            call = Call(self.model_id, data, loss_fn, config, backward=method != "forward")
+            return self._guarded(method, lambda actor: passes.run(actor, call), args)
+
+        def direct(actor: Any) -> Any:
             return ray_get(getattr(actor, method).remote(self.model_id, *args))
 
-        return self._guarded(method, call, args)
+        return self._guarded(method, direct, args)
 
     def _guarded(
         self, name: str, fn: Callable[[Any], Any], args: tuple[Any, ...] = ()
