@@ -72,3 +72,14 @@ def test_paged_adapters_compute_what_resident_ones_do(tiny_model, tmp_path, host
     for i in range(3):
         paged_trainer.release(f"m{i}")
     assert not list(tmp_path.glob(".paged-*/*.pt"))
+
+
+def test_a_new_adapter_after_every_other_was_released(tiny_model, tmp_path):
+    """peft keeps naming a deleted adapter active once none is left; a new one must work."""
+    trainer = LoraTrainer(tiny_model, TrainerConfig(dtype="float32", checkpoint_dir=str(tmp_path)))
+    trainer.create_adapter("a", types.LoraConfig(rank=4, seed=0))
+    trainer.forward_backward("a", _data(1), "cross_entropy")
+    trainer.release("a")
+    trainer.create_adapter("b", types.LoraConfig(rank=4, seed=1))
+    assert trainer.forward_backward("b", _data(2), "cross_entropy").metrics["loss:sum"] > 0
+    assert trainer.merged_weights("b") and trainer.adapter_weights("b")

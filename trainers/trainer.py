@@ -147,6 +147,10 @@ class LoraTrainer:
                 self._peft = get_peft_model(self._base, peft_config, adapter_name=name)
             else:
                 self._peft.add_adapter(name, peft_config)
+        if self._peft.active_adapter not in self._peft.peft_config:
+            # Every adapter was deleted: peft still names the last one active (get_base_model
+            # and others then fail); the new one is active until a call activates another.
+            self._peft.active_adapter = name
         params = [p for n, p in self._peft.named_parameters() if f".{name}." in n]
         for p in params:
             p.requires_grad_(True)
