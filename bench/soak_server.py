@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/soak_server.py                    # tiny random model, torch sampler, 10 min
     .venv/bin/python bench/soak_server.py duration_s=60      # a quick one
-    .venv/bin/python bench/soak_server.py model=SmolLM2-135M-Instruct sampler_engine=vllm
+    .venv/bin/python bench/soak_server.py model=SmolLM2-135M-Instruct
 
 One real `python -m rl.server` on loopback (its own --home in a work directory, a key per tenant,
 a short --session_timeout_s so that walked-away sessions are really ended during the soak), and
@@ -17,13 +17,16 @@ A tenant also calls, now and then, a model it unloaded itself (or a sampling cli
 calls must fail, and their errors are counted as expected; every other error is unexpected.
 
 Every call is a JSON line in its tenant's log (type, start, latency, ok or error class and
-message). The server's process tree (the server, Ray's GCS and raylet, the trainer and sampler
-actors) is weighed every `memory_every_s` (summed RSS, psutil), and `GET /metrics` is read at
-the end. Printed, and written as JSON to `out`: requests, errors (expected / unexpected, the first
-unexpected ones in full), p50 / p99 latency per call type, the tree's memory at the end of the
-warm-up (the first `warmup_fraction` of the run) and at the end (medians of the samples of the
-run's 15-25% and 90-100%), the drift between them and the peak. Exit code 1 when there was an
-unexpected error or the drift exceeds `max_drift`.
+message). The driver weighs the server's process tree (the server, Ray's GCS and raylet, the
+trainer and sampler actors: summed RSS, psutil) and times `GET /api/v1/healthz` (a call type of
+its own: a blocked event loop shows there) every `memory_every_s`, and reads `GET /metrics` at
+the end. Printed, and written as JSON to `out`: requests, errors (expected / unexpected, the
+first unexpected ones in full; calls still unanswered when the run ended apart), p50 / p99
+latency per call type and per minute, and the tree's memory at the end of the warm-up (the
+first `warmup_fraction` of the run) and at the end: the least sample of the run's 15-25% and of
+its 90-100%, since a large batch holds gigabytes while it runs and returns them; the drift
+between the two, the windows' medians, and the peak. Exit code 1 when there was an unexpected
+error or the drift exceeds `max_drift`.
 
 Bounded: tenants stop at the deadline, any still running `grace_s` later are killed, and a wall
 alarm ends everything; the server's tree and the tenants are killed by PID at the end, also on
@@ -75,8 +78,11 @@ class Config:
     """--sampler.num_threads"""
     session_timeout_s: float = 60.0
     """--session_timeout_s: a walked-away session is ended this long after its last heartbeat"""
-    server_flags: str = ""
-    """more flags for `python -m rl.server`, one string: e.g. "--sampler.sync_mode adapter" """
+    server_flags: str = "--sampler.sync_mode adapter"
+    """more flags for `python -m rl.server`, one string. Adapter mode: every training client's
+    synced weights on one LoRA engine. The server's CPU default, merged, starts an engine (a
+    Ray actor of 0.25 CPU) per training client that syncs, and on 2 cores only 4 sampler
+    actors fit beside the trainer (see bench/README.md)"""
     tenants: int = 8
     """tenant processes at once, each with a key (tenant) of its own"""
     duration_s: float = 600.0
@@ -89,7 +95,7 @@ class Config:
     """datums of a large forward_backward"""
     large_tokens: int = 128
     """tokens per datum of a large forward_backward"""
-    think_s: float = 0.5
+    think_s: float = 1.0
     """mean pause of a tenant between two actions (uniform in 0 - 2x)"""
     call_timeout_s: float = 300.0
     """a call not answered by then is an unexpected error, and its tenant walks away"""
@@ -117,7 +123,7 @@ class Config:
 ACTIONS: dict[str, float] = {
     "create": 3,
     "forward_backward_small": 30,
-    "forward_backward_large": 3,
+    "forward_backward_large": 1,  # ~25 s of the trainer on the tiny model: more saturates it
     "forward": 4,
     "optim_step": 15,
     "save_state": 5,
@@ -190,20 +196,21 @@ def tenant_main(spec: TenantSpec) -> None:
         Tenant(spec).run()
     except BaseException as error:  # anything the per-call handling did not catch
         with open(spec.log_path, "a") as log:
-            log.write(json.dumps(_record(spec, "tenant_crash", time.time(), 0.0, error, False)))
+            crash = _record(spec.name, spec.generation, "tenant_crash", time.time(), 0.0, error)
+            log.write(json.dumps(crash))
             log.write("\n")
         os._exit(1)
     os._exit(0)
 
 
 def _record(
-    spec: TenantSpec, call: str, began: float, seconds: float, error: BaseException | None,
-    expect_error: bool, note: str | None = None,
+    who: str, generation: int, call: str, began: float, seconds: float,
+    error: BaseException | None, expect_error: bool = False, note: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One call's log line; a timeout is never an expected error."""
     return {
-        "tenant": spec.name,
-        "gen": spec.generation,
+        "tenant": who,
+        "gen": generation,
         "call": call,
         "t": began,
         "s": round(seconds, 6),
@@ -211,6 +218,7 @@ def _record(
         "expect_error": expect_error and not isinstance(error, TimeoutError),
         "error": type(error).__name__ if error is not None else None,
         "message": str(error)[:600] if error is not None else note,
+        "cut": False,  # a call still unanswered when the run ended (see Tenant.write)
     }
 
 
@@ -224,13 +232,24 @@ class Tenant:
         self.rng = random.Random(f"{self.config.seed}/{spec.index}/{spec.generation}")
         self.log = open(spec.log_path, "a", buffering=1)  # noqa: SIM115 (the process's life)
         self.saved = Saved.load(spec.state_path)
-        self.timeout = self.config.call_timeout_s
         self.service = tinker.ServiceClient(base_url=spec.url, api_key=spec.key)
         self.rest = tinker.RestClient(base_url=spec.url, api_key=spec.key)
         self.models: list[Any] = []  # training clients alive
         self.released: list[Any] = []  # training clients this tenant unloaded
         self.synced: dict[str, Any] = {}  # model id -> its last synced sampling client
+        self.stepped: set[Any] = set()  # models with no forward_backward since their last step
         self.names = (f"g{spec.generation}-{i}" for i in range(10**9))
+
+    @property
+    def end(self) -> float:
+        """When the tenant's last calls must be answered: before the driver kills it."""
+        return self.spec.deadline + self.config.grace_s - 15
+
+    @property
+    def timeout(self) -> float:
+        """A call's timeout: `call_timeout_s`, or less near the end, so that a call unanswered
+        by then is logged (as cut off at the end) before the driver kills the tenant."""
+        return max(1.0, min(self.config.call_timeout_s, self.end - time.time()))
 
     def run(self) -> None:
         while time.time() < self.spec.deadline:
@@ -242,7 +261,9 @@ class Tenant:
     def pick(self) -> str:
         possible = {
             "create": len(self.models) < MAX_MODELS,
-            "load_state": bool(self.models and self.saved.states),
+            "load_state": bool(self.saved.states),
+            # The server refuses a step with no gradient since the last one.
+            "optim_step": any(m not in self.stepped for m in self.models),
             "sample_saved": bool(self.saved.samplers),
             "call_released": bool(self.released),
             "sample_base": True,
@@ -258,7 +279,13 @@ class Tenant:
 
     def write(self, call: str, began: float, seconds: float, error: BaseException | None,
               expect_error: bool = False, note: str | None = None) -> None:  # fmt: skip
-        record = _record(self.spec, call, began, seconds, error, expect_error, note)
+        spec = self.spec
+        record = _record(
+            spec.name, spec.generation, call, began, seconds, error, expect_error, note
+        )
+        # A timeout at the end is a call the run's end cut off, not one that hung for
+        # `call_timeout_s`: counted apart.
+        record["cut"] = isinstance(error, TimeoutError) and time.time() >= self.end - 1
         self.log.write(json.dumps(record))
         self.log.write("\n")
 
@@ -348,6 +375,7 @@ class Tenant:
             )
         if ok:
             self.models.append(client)
+            self.stepped.add(client)
 
     def act_forward_backward_small(self) -> None:
         client = self.rng.choice(self.models)
@@ -357,6 +385,7 @@ class Tenant:
             client,
             lambda: client.forward_backward(data, "cross_entropy").result(timeout=self.timeout),
         )
+        self.stepped.discard(client)
 
     def act_forward_backward_large(self) -> None:
         client = self.rng.choice(self.models)
@@ -366,6 +395,7 @@ class Tenant:
             client,
             lambda: client.forward_backward(data, "cross_entropy").result(timeout=self.timeout),
         )
+        self.stepped.discard(client)
 
     def act_forward(self) -> None:
         client = self.rng.choice(self.models)
@@ -377,11 +407,12 @@ class Tenant:
         )
 
     def act_optim_step(self) -> None:
-        client = self.rng.choice(self.models)
+        client = self.rng.choice([m for m in self.models if m not in self.stepped])
         adam = self.tinker.types.AdamParams(learning_rate=1e-4)
         self.train_call(
             "optim_step", client, lambda: client.optim_step(adam).result(timeout=self.timeout)
         )
+        self.stepped.add(client)
 
     def act_save_state(self) -> None:
         client, name = self.rng.choice(self.models), next(self.names)
@@ -399,6 +430,7 @@ class Tenant:
             client,
             lambda: client.load_state_with_optimizer(path).result(timeout=self.timeout),
         )
+        self.stepped.add(client)  # a load leaves no gradient to step with
 
     def act_save_sampler(self) -> None:
         client, name = self.rng.choice(self.models), next(self.names)
@@ -570,8 +602,10 @@ def process_label(process: Any) -> str:
     if cmd[0].startswith("ray::"):
         return cmd[0].split(" ")[0][:48]
     if "python" in Path(cmd[0]).name and len(cmd) > 1:
-        words = cmd[1:3] if cmd[1] == "-m" else cmd[1:2]
-        return " ".join(Path(w).name for w in words)[:48]
+        if cmd[1] == "-m":
+            return f"-m {cmd[2]}" if len(cmd) > 2 else cmd[1]
+        script = next((w for w in cmd[1:] if not w.startswith("-")), cmd[1])
+        return Path(script).name[:48]
     return Path(cmd[0]).name[:48]
 
 
@@ -625,7 +659,7 @@ def _alive(process: Any) -> bool:
         return False
 
 
-def scrape_metrics(url: str) -> dict[str, float]:
+def scrape_metrics(url: str) -> dict[str, Any]:
     """The gauges and counters of GET /metrics worth keeping, summed over tenants."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -702,11 +736,28 @@ def supervise(config: Config, run: Run, server: Server) -> None:
         if now >= next_weigh:
             total, by_label = weigh(server)
             run.memory.append((now - run.started, total, by_label))
+            probe(server)
             next_weigh = now + config.memory_every_s
         if not run.processes or now > run.deadline + config.grace_s:
             break
         time.sleep(0.5)
     run.killed_at_end = stop_tenants(run)
+
+
+def probe(server: Server) -> None:
+    """GET /api/v1/healthz, logged as the driver's call `healthz`: a server whose event loop
+    is blocked answers it late or not at all (10 s timeout)."""
+    import httpx
+
+    began, start = time.time(), time.perf_counter()
+    error: BaseException | None = None
+    try:
+        httpx.get(f"{server.url}/api/v1/healthz", timeout=10).raise_for_status()
+    except Exception as e:
+        error = e
+    record = _record("driver", 0, "healthz", began, time.perf_counter() - start, error)
+    with open(server.log.parent / "tenants" / "driver.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
 
 
 def stop_tenants(run: Run) -> int:
@@ -743,8 +794,10 @@ def prepare(config: Config, work: Path) -> tuple[str, list[tuple[str, str]]]:
 
 
 def soak(config: Config, work: Path) -> dict[str, Any]:
+    if (work / "tenants").exists():
+        raise SystemExit(f"{work} holds an earlier soak's logs; give a new work_dir")
+    (work / "tenants").mkdir()
     model, keys = prepare(config, work)
-    (work / "tenants").mkdir(exist_ok=True)
     os.environ["TINKER_TELEMETRY"] = "0"  # the tenants' environment
     server = start_server(config, work, model)
     print(f"server up at {server.url}: {config.tenants} tenants for {config.duration_s:g} s")
@@ -759,7 +812,10 @@ def soak(config: Config, work: Path) -> dict[str, Any]:
         supervise(config, run, server)
         seconds = time.time() - started
         settle(config, run, server)
-        metrics = scrape_metrics(server.url)
+        try:
+            metrics = scrape_metrics(server.url)
+        except Exception as error:  # a server that does not answer: reported, not fatal
+            metrics = {"error": f"GET /metrics failed: {type(error).__name__}: {error}"}
     finally:
         stop_tenants(run)
         kill_server(server)
@@ -783,9 +839,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def unexpected(c: dict[str, Any]) -> bool:
+    return not c["ok"] and not c["expect_error"] and not c["cut"]
+
+
 def call_table(calls: list[dict[str, Any]], minutes: float) -> dict[str, dict[str, Any]]:
-    """Per call type: requests, per minute, ok, expected / unexpected errors, expected errors
-    that did not happen, p50 / p99 latency of the calls that succeeded (ms)."""
+    """Per call type: requests, per minute, ok, expected / unexpected errors, calls cut off by
+    the end, expected errors that did not happen, p50 / p99 latency of the calls that
+    succeeded (ms)."""
     table: dict[str, dict[str, Any]] = {}
     by_call: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for c in calls:
@@ -797,7 +858,8 @@ def call_table(calls: list[dict[str, Any]], minutes: float) -> dict[str, dict[st
             "per_min": round(len(rows) / minutes, 1),
             "ok": len(ok_s),
             "expected_errors": sum(not r["ok"] and r["expect_error"] for r in rows),
-            "unexpected_errors": sum(not r["ok"] and not r["expect_error"] for r in rows),
+            "unexpected_errors": sum(unexpected(r) for r in rows),
+            "cut_at_end": sum(r["cut"] for r in rows),
             "expected_error_missing": sum(r["ok"] and r["expect_error"] for r in rows),
             "p50_ms": round(percentile(ok_s, 0.5) * 1000, 1) if ok_s else None,
             "p99_ms": round(percentile(ok_s, 0.99) * 1000, 1) if ok_s else None,
@@ -805,9 +867,32 @@ def call_table(calls: list[dict[str, Any]], minutes: float) -> dict[str, dict[st
     return table
 
 
+def by_minute(calls: list[dict[str, Any]], started: float) -> list[dict[str, Any]]:
+    """Per minute of the run: requests, unexpected errors, and the p50 / p99 of small
+    forward_backward calls and of samples (ms), to see whether latency grows."""
+    minutes: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
+    for c in calls:
+        minutes[int((c["t"] - started) // 60)].append(c)
+    out = []
+    for minute, rows in sorted(minutes.items()):
+        entry: dict[str, Any] = {
+            "minute": minute,
+            "requests": len(rows),
+            "unexpected": sum(unexpected(r) for r in rows),
+        }
+        for call in ("forward_backward_small", "sample"):
+            s = [r["s"] for r in rows if r["call"] == call and r["ok"]]
+            entry[f"{call}_p50_ms"] = round(percentile(s, 0.5) * 1000) if s else None
+            entry[f"{call}_p99_ms"] = round(percentile(s, 0.99) * 1000) if s else None
+        out.append(entry)
+    return out
+
+
 def memory_summary(config: Config, run: Run) -> dict[str, Any]:
-    """The tree's RSS at the warm-up's end and at the end (medians of the samples of the
-    run's 15-25% and 90-100%), their drift, the peak, and by process at those two points."""
+    """The tree's RSS at the warm-up's end and at the end, as the least sample of the run's
+    15-25% and 90-100% (the memory held between calls: a large batch holds gigabytes while it
+    runs, and returns them), their drift; the medians of those windows, the peak, and RSS by
+    process at those two points."""
     d = config.duration_s
     warm_lo, warm_hi = (
         max(0.0, config.warmup_fraction - 0.05) * d,
@@ -816,34 +901,36 @@ def memory_summary(config: Config, run: Run) -> dict[str, Any]:
     in_run = [m for m in run.memory if m[0] <= d]
     warm = [m for m in in_run if warm_lo <= m[0] <= warm_hi] or in_run[:1]
     end = [m for m in in_run if m[0] >= 0.9 * d] or in_run[-1:]
-    warm_mib = statistics.median(m[1] for m in warm) / MIB
-    end_mib = statistics.median(m[1] for m in end) / MIB
+    warm_min, end_min = min(warm, key=lambda m: m[1]), min(end, key=lambda m: m[1])
     peak = max(run.memory, key=lambda m: m[1])
 
     def by_process(m: tuple[float, int, dict[str, int]]) -> dict[str, float]:
         return {k: round(v / MIB, 1) for k, v in sorted(m[2].items(), key=lambda kv: -kv[1])}
 
     return {
-        "warmup_end_mib": round(warm_mib, 1),
-        "end_mib": round(end_mib, 1),
-        "drift": round(end_mib / warm_mib - 1, 4),
+        "warmup_end_mib": round(warm_min[1] / MIB, 1),
+        "end_mib": round(end_min[1] / MIB, 1),
+        "drift": round(end_min[1] / warm_min[1] - 1, 4),
+        "warmup_end_median_mib": round(statistics.median(m[1] for m in warm) / MIB, 1),
+        "end_median_mib": round(statistics.median(m[1] for m in end) / MIB, 1),
         "peak_mib": round(peak[1] / MIB, 1),
         "peak_at_s": round(peak[0], 1),
         "after_settle_mib": round(run.memory[-1][1] / MIB, 1) if config.settle_s else None,
-        "by_process_warmup_end": by_process(warm[-1]),
-        "by_process_end": by_process(end[-1]),
+        "by_process_warmup_end": by_process(warm_min),
+        "by_process_end": by_process(end_min),
+        "by_process_peak": by_process(peak),
         "series_mib": [[round(t, 1), round(total / MIB, 1)] for t, total, _ in run.memory],
     }
 
 
 def report(
-    config: Config, run: Run, work: Path, seconds: float, metrics: dict[str, float]
+    config: Config, run: Run, work: Path, seconds: float, metrics: dict[str, Any]
 ) -> dict[str, Any]:
     calls = read_calls(work)
     table = call_table(calls, seconds / 60)
-    unexpected = [c for c in calls if not c["ok"] and not c["expect_error"]]
+    surprises = [c for c in calls if unexpected(c)]
     memory = memory_summary(config, run)
-    failed = bool(unexpected or run.crashes) or memory["drift"] > config.max_drift
+    failed = bool(surprises or run.crashes) or memory["drift"] > config.max_drift
     return {
         "config": asdict(config),
         "host": host(),
@@ -854,9 +941,11 @@ def report(
         "tenants_killed_at_end": run.killed_at_end,
         "requests": sum(t["requests"] for t in table.values()),
         "expected_errors": sum(t["expected_errors"] for t in table.values()),
-        "unexpected_errors": len(unexpected),
-        "first_unexpected": unexpected[:8],
+        "unexpected_errors": len(surprises),
+        "cut_at_end": sum(t["cut_at_end"] for t in table.values()),
+        "first_unexpected": surprises[:8],
         "calls": table,
+        "minutes": by_minute(calls, run.started),
         "memory": memory,
         "metrics": metrics,
         "passed": not failed,
@@ -884,33 +973,40 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"\nsoak: {r['duration_s']:.0f} s, {r['config']['tenants']} tenants "
           f"({r['tenant_processes']} processes), model {r['config']['model']}, "
           f"{r['host']['cores']} cores, {r['host']['cpu']}")  # fmt: skip
-    print(f"{'call':50s} {'requests':>8s} {'/min':>6s} {'ok':>6s} {'exp.err':>7s} "
-          f"{'unexp.':>6s} {'p50 ms':>8s} {'p99 ms':>8s}")  # fmt: skip
+    print(f"{'call':48s} {'requests':>8s} {'/min':>6s} {'ok':>6s} {'exp.err':>7s} "
+          f"{'unexp.':>6s} {'cut':>4s} {'p50 ms':>8s} {'p99 ms':>8s}")  # fmt: skip
     for name, t in r["calls"].items():
         p50 = "-" if t["p50_ms"] is None else f"{t['p50_ms']:.0f}"
         p99 = "-" if t["p99_ms"] is None else f"{t['p99_ms']:.0f}"
-        print(f"{name:50s} {t['requests']:8d} {t['per_min']:6.1f} {t['ok']:6d} "
-              f"{t['expected_errors']:7d} {t['unexpected_errors']:6d} {p50:>8s} {p99:>8s}")  # fmt: skip
+        print(f"{name:48s} {t['requests']:8d} {t['per_min']:6.1f} {t['ok']:6d} "
+              f"{t['expected_errors']:7d} {t['unexpected_errors']:6d} {t['cut_at_end']:4d} "
+              f"{p50:>8s} {p99:>8s}")  # fmt: skip
     print(f"requests {r['requests']}, expected errors {r['expected_errors']}, "
-          f"unexpected errors {r['unexpected_errors']} (target 0), tenant crashes "
-          f"{len(r['tenant_crashes'])}, killed at the end {r['tenants_killed_at_end']}")  # fmt: skip
+          f"unexpected errors {r['unexpected_errors']} (target 0), cut off by the end "
+          f"{r['cut_at_end']}, tenant crashes {len(r['tenant_crashes'])}, killed at the end "
+          f"{r['tenants_killed_at_end']}")  # fmt: skip
     for c in r["first_unexpected"]:
         print(f"  unexpected: {c['tenant']} {c['call']} {c['error']}: {c['message']}")
     for crash in r["tenant_crashes"]:
         print(f"  crash: {crash}")
     m = r["memory"]
-    print(f"server tree RSS: warm-up end {m['warmup_end_mib']:,.0f} MiB, end {m['end_mib']:,.0f} "
-          f"MiB, drift {m['drift']:+.1%} (target <= {r['config']['max_drift']:.0%}), peak "
-          f"{m['peak_mib']:,.0f} MiB at {m['peak_at_s']:.0f} s")  # fmt: skip
+    print(f"server tree RSS (least of each window): warm-up end {m['warmup_end_mib']:,.0f} MiB, "
+          f"end {m['end_mib']:,.0f} MiB, drift {m['drift']:+.1%} (target <= "
+          f"{r['config']['max_drift']:.0%}); medians {m['warmup_end_median_mib']:,.0f} / "
+          f"{m['end_median_mib']:,.0f} MiB; peak {m['peak_mib']:,.0f} MiB at {m['peak_at_s']:.0f} s")  # fmt: skip
+    print("per minute (requests, unexpected, forward_backward_small p50/p99 ms, sample p50/p99 ms): "
+          + "; ".join(f"{e['requests']} {e['unexpected']} {e['forward_backward_small_p50_ms']}/"
+                      f"{e['forward_backward_small_p99_ms']} {e['sample_p50_ms']}/{e['sample_p99_ms']}"
+                      for e in r["minutes"]))  # fmt: skip
     if m["after_settle_mib"] is not None:
         print(f"  after settling {r['config']['settle_s']:g} s: {m['after_settle_mib']:,.0f} MiB")
-    for point in ("warmup_end", "end"):
+    for point in ("warmup_end", "end", "peak"):
         parts = ", ".join(f"{k} {v:,.0f}" for k, v in list(m[f"by_process_{point}"].items())[:8])
         print(f"  by process at {point.replace('warmup_', 'warm-up ')} (MiB): {parts}")
     print("metrics at the end:")
     for name, value in r["metrics"].items():
         if not name.startswith("engineroom_calls_total"):
-            print(f"  {name} {value:g}")
+            print(f"  {name} {value:g}" if isinstance(value, float) else f"  {name}: {value}")
     print("PASSED" if r["passed"] else "FAILED")
 
 

@@ -149,5 +149,8 @@ def test_close_and_unload_release_at_once(server, tiny_model):
         assert http.post("/unload_model", json={"model_id": first.model_id}).status_code == 404
     with pytest.raises(tinker.NotFoundError, match="unload_model"):
         first.forward([DATUM], "cross_entropy").result()
-    bob.close("success").result()
+    bob.close("success").result()  # answered at once; the release follows in the background
+    deadline = time.monotonic() + 60
+    while second.model_id in trainer_adapters(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert second.model_id not in trainer_adapters(server)

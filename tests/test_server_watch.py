@@ -212,6 +212,16 @@ def test_the_model_cap_refuses_a_third_model_until_one_is_freed(server, tiny_mod
     carol.close("success").result()
     bob.close("success").result()
 
+    # A close is answered at once and releases in the background: wait for it.
+    deadline = time.monotonic() + 60
+
+    def closed(who: str) -> float:
+        return moved(
+            before, scrape(server), "engineroom_models_released_total", tenant=who, reason="close"
+        )
+
+    while time.monotonic() < deadline and (closed("carol"), closed("bob")) != (2, 1):
+        time.sleep(0.2)
     after = scrape(server)
     delta = functools.partial(moved, before, after)
     assert delta("engineroom_limited_total", tenant="carol", limit="models") == 1

@@ -1,14 +1,13 @@
 """Several adapters in one pass over the base model: each row of a batch with its own adapter.
 
-peft computes a LoRA layer's output for rows that name different adapters (`adapter_names`,
-one per row: the base projection for all rows at once, then each adapter's low-rank update for
-its own rows). It is built for inference, behind a check that the model is in eval mode; the
-computation itself is ordinary autograd, so the gradient of each adapter's parameters comes
-from its own rows only, exactly as in a pass of its own. These context managers hand the
-names to the layers (forward pre-hooks, as peft's own `_enable_peft_forward_hooks` does,
-without its eval-mode check): `rows_with_adapters` to the decoder's layers for a batch of rows,
-`tokens_with_adapter` to the output head for tokens that all belong to one adapter (the head
-runs on the real positions only, flattened, and in chunks on GPU).
+A LoRA layer's output is its base projection plus its adapter's low-rank update. In a shared
+pass the rows of a batch are grouped by adapter; each LoRA layer computes the base projection
+for all rows at once (peft's "__base__" rows, through forward pre-hooks) and each adapter's
+update is then added to its own slice of rows (a forward hook). It is ordinary autograd, so
+the gradient of each adapter's parameters comes from its own rows only, exactly as in a pass
+of its own. `rows_with_adapters` does this for the decoder's layers; `tokens_with_adapter`
+hands peft's per-row `adapter_names` to the output head for tokens that all belong to one
+adapter (the head runs on the real positions only, flattened, and in chunks on GPU).
 """
 
 from __future__ import annotations
@@ -46,24 +45,46 @@ class MixedBatch:
 def adapters_of_rows(
     module: torch.nn.Module, mixed: MixedBatch | None, row_datums: list[int]
 ) -> Iterator[None]:
-    """Rows whose datums are `row_datums` each with its datum's adapter (nothing: one adapter
-    is active for all, without `mixed`)."""
+    """Rows whose datums are `row_datums` (sorted by adapter: each adapter's rows are one
+    slice) each with its datum's adapter; nothing (one adapter is active for all) without
+    `mixed`."""
     if mixed is None:
         yield
         return
-    with rows_with_adapters(module, [mixed.names[mixed.owners[i]] for i in row_datums]):
+    owners = [mixed.owners[i] for i in row_datums]
+    assert owners == sorted(owners), "rows must be grouped by adapter"
+    spans = []
+    for owner in dict.fromkeys(owners):
+        start = owners.index(owner)
+        spans.append((mixed.names[owner], start, start + owners.count(owner)))
+    with rows_with_adapters(module, spans, len(owners)):
         yield
 
 
 @contextlib.contextmanager
-def rows_with_adapters(module: torch.nn.Module, names: list[str]) -> Iterator[None]:
-    """While inside, row i of every LoRA layer's input under `module` uses adapter names[i]."""
+def rows_with_adapters(
+    module: torch.nn.Module, spans: list[tuple[str, int, int]], rows: int
+) -> Iterator[None]:
+    """While inside, rows start:stop of every LoRA layer's input under `module` use adapter
+    `name`, for each (name, start, stop) in `spans`: the layer computes its base projection
+    alone (peft's "__base__" rows), then each adapter's low-rank update is added to its slice
+    of the output (views: no copy of the activations)."""
+    base = ["__base__"] * rows
 
-    def hand(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        kwargs["adapter_names"] = names
+    def base_only(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        kwargs["adapter_names"] = base
         return args, kwargs
 
-    with _hooks(module, hand):
+    def add_updates(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        x = args[0]
+        for name, start, stop in spans:
+            if name in layer.lora_A:
+                part = x[start:stop].to(layer.lora_A[name].weight.dtype)
+                update = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](part)))
+                out[start:stop] += (update * layer.scaling[name]).to(out.dtype)
+        return out
+
+    with _hooks(module, base_only, add_updates):
         yield
 
 
@@ -81,14 +102,15 @@ def tokens_with_adapter(head: torch.nn.Module, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _hooks(module: torch.nn.Module, hook: Any) -> Iterator[None]:
+def _hooks(module: torch.nn.Module, before: Any, after: Any = None) -> Iterator[None]:
     from peft.tuners.lora import LoraLayer  # here: the driver imports `Call` without peft
 
-    handles = [
-        m.register_forward_pre_hook(hook, with_kwargs=True)
-        for m in module.modules()
-        if isinstance(m, LoraLayer)
-    ]
+    handles = []
+    for m in module.modules():
+        if isinstance(m, LoraLayer):
+            handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
+            if after is not None:
+                handles.append(m.register_forward_hook(after, with_kwargs=True))
     try:
         yield
     finally:

@@ -663,6 +663,8 @@ class LoraTrainer:
             # The caller's backward of this bucket runs before the generator resumes, so the
             # measurement covers the call's whole peak.
             with self._budget.measure(len(bucket) * width, width):
+                if mixed is not None:  # each adapter's rows one slice (trainers/mixed.py)
+                    bucket.sort(key=lambda row: mixed.owners[row.members[0]])
                 if all(len(row.members) == 1 for row in bucket):
                     datums = [row.members[0] for row in bucket]
                     yield self._padded_logprobs(batch, datums, decoder, lm_head, mixed)

@@ -19,6 +19,7 @@ version (it keeps `max_versions_per_model` per training client), it is pushed ag
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import threading
 from typing import Any
@@ -39,7 +40,8 @@ class SamplerPools:
     def __init__(self, config: SamplerConfig | None = None):
         self.config = config or SamplerConfig()
         self._pools: dict[str, SamplerPool] = {}
-        self._lock = threading.Lock()  # one start per pool, however many callers wait
+        self._starting: dict[str, concurrent.futures.Future[SamplerPool]] = {}
+        self._lock = threading.Lock()
 
     def base(self, model_dir: str) -> SamplerPool:
         """Base-model sampling: no LoRA, so requests batch freely (see engine_vllm)."""
@@ -98,16 +100,35 @@ class SamplerPools:
             pool.close()
 
     def _get(self, model_dir: str, key: str, *, enable_lora: bool) -> SamplerPool:
+        """The pool `key`, started by the first caller; the others wait for that start. The
+        lock is not held while a pool starts (its reservation may wait a minute for a CPU),
+        so releasing other pools, which frees CPUs, is not held up by it."""
         with self._lock:
             pool = self._pools.get(key)
-            if pool is None:
-                gpus = self.config.resolved_gpus(ray.cluster_resources().get("GPU", 0))
-                # vLLM or torch for this model, decided before any actor starts.
-                config = engine_config_for(model_dir, self.config, gpus > 0)
-                pool = SamplerPool(model_dir, config, enable_lora=enable_lora, label=key)
-                pool.start()
-                self._pools[key] = pool
-            return pool
+            if pool is not None:
+                return pool
+            starting = self._starting.get(key)
+            first = starting is None
+            if starting is None:
+                starting = self._starting[key] = concurrent.futures.Future()
+        if not first:
+            return starting.result()
+        try:
+            gpus = self.config.resolved_gpus(ray.cluster_resources().get("GPU", 0))
+            # vLLM or torch for this model, decided before any actor starts.
+            config = engine_config_for(model_dir, self.config, gpus > 0)
+            pool = SamplerPool(model_dir, config, enable_lora=enable_lora, label=key)
+            pool.start()
+        except BaseException as error:
+            with self._lock:
+                del self._starting[key]
+            starting.set_exception(error)
+            raise
+        with self._lock:
+            self._pools[key] = pool
+            del self._starting[key]
+        starting.set_result(pool)
+        return pool
 
 
 class AdapterBackup:

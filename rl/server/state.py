@@ -151,9 +151,13 @@ class ServerState:
 
     @metered()
     def finish_session(self, tenant: str, session_id: str) -> None:
-        """The SDK's `close`: the session's models and samplers are released at once."""
+        """The SDK's `close`: the session ends now (its heartbeat gets 410, it makes no new
+        model), and its models and samplers are released in the background: a release waits
+        for the trainer's call under way, which must not hold up the answer."""
         self.session(tenant, session_id)
-        self.end_session(session_id, "its session was closed")
+        ended = self._end(session_id)
+        if ended is not None:
+            _blocking.submit(self._release_all, *ended, "its session was closed")
 
     def expire_sessions(self, now: float) -> list[str]:
         """Ends the sessions whose last heartbeat is older than the timeout; their ids."""
@@ -173,22 +177,31 @@ class ServerState:
         return stale
 
     def end_session(self, session_id: str, why: str) -> None:
-        """Releases every model and sampler of the session; its runs and checkpoints stay."""
+        """Ends the session and releases every model and sampler of it, now; its runs and
+        checkpoints stay."""
+        ended = self._end(session_id)
+        if ended is not None:
+            self._release_all(*ended, why)
+
+    def _end(self, session_id: str) -> tuple[list[str], list[str]] | None:
+        """Marks the session finished: (its model ids, its sampler ids); None if it was."""
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None or session.finished:
-                return
+                return None
             session.finished = True
             prefix = f"{session_id}:"
             models = [m for m in self._models if m.startswith(prefix)]
             samplers = [s for s in self._samplers if s.startswith(prefix)]
+        return models, samplers
+
+    def _release_all(self, models: list[str], samplers: list[str], why: str) -> None:
         for model_id in models:
             self._release_model(model_id, why)
         for sampler_id in samplers:
             self._release_sampler(sampler_id)
-        logger.info("session %s ended (%s): released %d model(s)", session_id, why, len(models))
+        logger.info("released %d model(s) and %d sampler(s): %s", len(models), len(samplers), why)
 
-    @metered()
     def unload_model(self, tenant: str, model_id: str) -> None:
         """Releases the model now (its adapter, optimizer state and sampler weights)."""
         self.model(tenant, model_id)  # another tenant's or an unknown one: NotFoundError
