@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -148,15 +148,75 @@ def _is_integral(value: Any) -> bool:
 # Training records
 
 
+class PromptSpan(_Record):
+    """A run of datum positions that are positions [offset, offset + length) of the prompt of
+    the sampling request that produced `sequence_id` (Tinker's `PromptProvenanceSpan`)."""
+
+    sequence_id: str = Field(min_length=1)
+    offset: int = Field(default=0, ge=0)
+    length: int = Field(ge=0)
+    kind: Literal["prompt"] = "prompt"
+
+
+class SampledSpan(_Record):
+    """A run of datum positions that are positions [offset, offset + length) of the sampled
+    tokens of `sequence_id` (Tinker's `SampledProvenanceSpan`)."""
+
+    sequence_id: str = Field(min_length=1)
+    offset: int = Field(default=0, ge=0)
+    length: int = Field(ge=0)
+    kind: Literal["sampled"] = "sampled"
+
+
+ProvenanceSpan = Annotated[PromptSpan | SampledSpan, Field(discriminator="kind")]
+
+
+def provenance_error(
+    model_input_length: int,
+    target_length: int | None,
+    model_input_spans: Sequence[PromptSpan | SampledSpan] | None,
+    loss_fn_input_spans: Sequence[PromptSpan | SampledSpan] | None,
+) -> str | None:
+    """What is wrong with a datum's provenance spans, or None: they come as a pair, and each
+    list tiles its field (lengths sum to `model_input`'s length / `target_tokens`' length;
+    `target_length` None skips the second check, as for [N, K] targets)."""
+    if (model_input_spans is None) != (loss_fn_input_spans is None):
+        return (
+            "provenance spans come as a pair: set both model_input_spans and "
+            "loss_fn_input_spans, or neither"
+        )
+    for name, spans, expected in (
+        ("model_input_spans", model_input_spans, model_input_length),
+        ("loss_fn_input_spans", loss_fn_input_spans, target_length),
+    ):
+        if spans is None or expected is None:
+            continue
+        total = sum(span.length for span in spans)
+        if total != expected:
+            field = "model_input" if name == "model_input_spans" else "target_tokens"
+            return (
+                f"{name} cover {total} positions but {field} has {expected}; the spans must "
+                "tile it exactly"
+            )
+    return None
+
+
 class Datum(_Record):
     """One training example: the input tokens and the per-token inputs of the loss.
 
     Position i of `model_input` predicts `loss_fn_inputs["target_tokens"][i]`; every entry of
     `loss_fn_inputs` has length `model_input.length` (or shape `[N, K]` for top-K targets).
+
+    `model_input_spans` / `loss_fn_input_spans` (both or neither) say which sampled sequence
+    each position came from (Tinker's provenance, `Datum.with_provenance`): consecutive runs
+    tiling `model_input` and `target_tokens`. The server resolves them against its record of
+    sampled sequences (rl/server/provenance.py) and strips them; the trainer never reads them.
     """
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData] = Field(default_factory=dict)
+    model_input_spans: list[ProvenanceSpan] | None = None
+    loss_fn_input_spans: list[ProvenanceSpan] | None = None
 
     @field_validator("loss_fn_inputs", mode="before")
     @classmethod
@@ -164,6 +224,30 @@ class Datum(_Record):
         if not isinstance(value, dict):
             return value
         return {str(k): to_tensor_data(v, str(k)) for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _check_spans(self) -> Datum:
+        if self.model_input_spans is None and self.loss_fn_input_spans is None:
+            return self
+        error = provenance_error(
+            self.model_input.length,
+            target_length(self),
+            self.model_input_spans,
+            self.loss_fn_input_spans,
+        )
+        if error is not None:
+            raise ValueError(error)
+        return self
+
+
+def target_length(datum: Datum) -> int | None:
+    """The length of a datum's 1-D `target_tokens`; None when absent or [N, K]."""
+    targets = datum.loss_fn_inputs.get("target_tokens")
+    if targets is None:
+        return None
+    if targets.shape is None:
+        return len(targets.data)
+    return targets.shape[0] if len(targets.shape) == 1 else None
 
 
 class AdamParams(_Record):

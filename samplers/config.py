@@ -12,9 +12,12 @@ import importlib.util
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from rl.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from samplers.types import EngineInfo
 
 EngineKind = Literal["auto", "vllm", "torch"]
 SyncMode = Literal["auto", "adapter", "merged"]
@@ -139,6 +142,15 @@ class SamplerConfig:
     max_request_retries: int = 3
     """Times one request is resubmitted after the actor serving it died."""
 
+    fair_window: int | None = None
+    """Fair turns between callers: sequences (`num_samples` summed) the pool keeps in flight
+    per sampler actor. Past it, requests wait in the pool, one queue per owner (the caller
+    the server names, else the model whose weights are sampled), and are let in round-robin
+    (samplers/fair.py): the engines serve in arrival order, so without it one caller's burst
+    delays everyone's requests. None: what the engine runs at once: vLLM's `max_num_seqs`
+    (its scheduler's default: 256 on CPU and most GPUs, 1024 on H100-class ones), and 8 for
+    the torch engine (one request at a time; a few queued keep it busy). 0: no window."""
+
     actor_ready_timeout_s: float = 600.0
     """How long to wait for an actor (engine start) before giving up."""
 
@@ -166,6 +178,14 @@ class SamplerConfig:
             return self.block_size
         return 32
 
+    def resolved_fair_window(self, info: EngineInfo) -> int:
+        """Sequences in flight per actor of an engine described by `info` (0: no window)."""
+        if self.fair_window is not None:
+            return self.fair_window
+        if info.engine == "vllm":
+            return int(info.extra.get("max_num_seqs", 256))
+        return 8
+
     def resolved_threads(self) -> int:
         """torch threads per engine: `num_threads`, or every core of this machine."""
         return self.num_threads or os.cpu_count() or 1
@@ -187,6 +207,7 @@ class SamplerConfig:
             "max_restarts": self.max_restarts >= 0,
             "schedule_timeout_s": self.schedule_timeout_s > 0,
             "max_request_retries": self.max_request_retries >= 0,
+            "fair_window": self.fair_window is None or self.fair_window >= 0,
             "dtype": self.dtype in ("auto", "float32", "bfloat16", "float16"),
             "sync_tolerance": self.sync_tolerance is None or self.sync_tolerance > 0,
             "tensor_parallel_size": self.tensor_parallel_size >= 1,

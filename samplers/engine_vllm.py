@@ -236,7 +236,11 @@ class VLLMEngine:
             max_logprobs=config.max_logprobs,
             lora_enabled=enable_lora,
             max_lora_rank=config.max_lora_rank if enable_lora else 0,
-            extra={"untied_embeddings": untie, "threads": torch.get_num_threads()},
+            extra={
+                "untied_embeddings": untie,
+                "threads": torch.get_num_threads(),
+                "max_num_seqs": int(self._engine.vllm_config.scheduler_config.max_num_seqs),
+            },
         )
 
     # -- requests --------------------------------------------------------------------------

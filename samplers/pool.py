@@ -3,6 +3,10 @@
 Runs in the driver on one background asyncio loop (shared by every pool of the process), so
 any number of `sample` futures can be in flight: each is a coroutine awaiting one actor call.
 
+- Fair turns: at most `SamplerConfig.fair_window` sequences per actor are in flight on the
+  actors (about what the engines run at once); past it requests wait in the pool, one queue
+  per owner (`SampleRequest.turn_owner`), and are let in round-robin (samplers/fair.py).
+  Weight pushes and the post-sync check (`sample_on_each`) do not wait for a turn.
 - Spreading: each request goes to the live actor with the fewest requests in flight.
 - Actor death: the requests that were in flight on it fail with a Ray actor error and are
   resubmitted to a live actor (at most `max_request_retries` times); each request's future is
@@ -40,6 +44,7 @@ from rl.futures import unwrap_ray_error
 from rl.placement import Reservation, reserve
 from rl.types import SampleResponse
 from samplers.config import SamplerConfig
+from samplers.fair import FairGate
 from samplers.types import (
     EngineFailedError,
     EngineInfo,
@@ -114,6 +119,7 @@ class SamplerPool:
         self._version_ids = itertools.count(1)
         self._turns = itertools.count()
         self._any_live: asyncio.Event | None = None
+        self._gate = FairGate()  # its window is set once the engines are up
         self._closed = False
         # Kept for the sampling client: checkpoint path -> its version, last probe scores per
         # training client (for the sync check), the tokenizer (loaded on first need).
@@ -165,6 +171,8 @@ class SamplerPool:
         for slot, (incarnation, info) in zip(self._slots, results, strict=True):
             slot.incarnation = incarnation
             self.info = info
+        assert self.info is not None
+        self._gate.resize(self.config.resolved_fair_window(self.info) * len(self._slots))
         self._any_live.set()
 
     def _num_gpus(self) -> float:
@@ -195,6 +203,8 @@ class SamplerPool:
     def close(self) -> None:
         """Kills the actors; pending requests fail."""
         self._closed = True
+        closed = SamplerUnavailableError(f"sampler pool {self.label} was shut down")
+        event_loop().call_soon_threadsafe(self._gate.close, closed)
         for slot in self._slots:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(slot.handle, no_restart=True)
@@ -206,11 +216,20 @@ class SamplerPool:
     def inflight(self) -> list[int]:
         return [slot.inflight for slot in self._slots]
 
+    def waiting(self) -> dict[str, int]:
+        """Requests waiting for their turn, per owner (a snapshot; for metrics)."""
+        return self._gate.waiting()
+
     # -- requests --------------------------------------------------------------------------
 
     async def sample(self, request: SampleRequest) -> SampleResponse:
-        """Serves one request on the least busy live actor; survives actor deaths."""
+        """Serves one request, in its owner's turn, on the least busy live actor; survives
+        actor deaths (retries keep the request's place in the window)."""
         self.check_loadable(request.weights)
+        async with self._gate.turn(request.turn_owner(), request.num_samples):
+            return await self._sample_retrying(request)
+
+    async def _sample_retrying(self, request: SampleRequest) -> SampleResponse:
         deaths = 0
         while True:
             slot = await self._pick()

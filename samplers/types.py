@@ -58,6 +58,14 @@ class SampleRequest:
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     weights: WeightsVersion = BASE
+    owner: str = ""
+    """Whose request it is, for the pool's fair turns (samplers/fair.py): the server names the
+    tenant. "": the model whose weights are sampled (`weights.model_id`; all base-model
+    requests of the process then share one turn)."""
+
+    def turn_owner(self) -> str:
+        """The queue the request waits in when the pool's window is full."""
+        return self.owner or self.weights.model_id
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,14 @@
 #   bash scripts/cookbook.sh sl [key=value ...]        # supervised on a local conversations file
 #
 # The cookbook runs in an environment of its own, .venv-cookbook (tinker 0.38.0 and
-# tinker-cookbook 0.5.8, which moves transformers to a version the server does not use);
-# nothing of the server's is installed there. Later key=value arguments override the
-# defaults below. COOKBOOK_MODEL is the model_name the recipe passes to the server and loads
-# its tokenizer from: by default the local directory of the built-in SmolLM2-135M-Instruct
-# (start the server with --models SmolLM2-135M-Instruct, which serves that directory too).
+# tinker-cookbook 0.6.1, which moves transformers to a version the server does not use);
+# nothing of the server's is installed there. tinker-cookbook goes in with --no-deps after its
+# requirements, all but tml-renderers>=0.4.1, which the package index lacks and which the
+# cookbook imports only for Thinking Machines' own model families and the audio recipes.
+# Later key=value arguments override the defaults below. COOKBOOK_MODEL is the model_name the
+# recipe passes to the server and loads its tokenizer from: by default the local directory of
+# the built-in SmolLM2-135M-Instruct (start the server with --models SmolLM2-135M-Instruct,
+# which serves that directory too).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -25,18 +28,29 @@ esac
 
 venv="${COOKBOOK_VENV:-$root/.venv-cookbook}"
 stamp="$venv/.cookbook-installed"
-pins='torch==2.13.0 tinker==0.38.0 tinker-cookbook[math-rl]==0.5.8'
-if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$pins" ]]; then
-  echo "setting up $venv (once): $pins" >&2
+cookbook='tinker-cookbook==0.6.1'
+# Its Requires-Dist minus tml-renderers, plus the math-rl extra (math-verify, pylatexenc,
+# sympy); torch pinned: the CPU build on local disk, not a multi-GB CUDA build.
+requirements=(
+  torch==2.13.0 tinker==0.38.0 "aiohttp>=3.9.0" "anyio>=4.0.0" "blobfile>=3.0.0" "chz>=0.4.0"
+  "cloudpickle>=3.0.0" "datasets>=2.14.0" "huggingface-hub>=0.20.0" "numpy>=1.24.0"
+  "pillow>=10.0.0" "pydantic>=2.0.0" "pyrage>=1.4.0" "rich>=13.0.0" "safetensors>=0.4.0"
+  "termcolor>=2.0.0" "tiktoken>=0.12.0" "tqdm>=4.60.0"
+  "transformers!=5.3.0,!=5.4.*,!=5.5.0,!=5.5.1,!=5.5.2,!=5.5.3,!=5.6.*,>=4.57.6"
+  "math-verify>=0.5.0" "pylatexenc>=2.0" "sympy>=1.12.0"
+)
+key="$(echo "$cookbook ${requirements[*]}" | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$key" ]]; then
+  echo "setting up $venv (once): $cookbook" >&2
   python3 -m venv "$venv"
   log="$(mktemp)"
-  # torch first and pinned: the CPU build on local disk, not a multi-GB CUDA build.
-  if ! "$venv/bin/pip" install -q $pins >"$log" 2>&1; then
+  if ! { "$venv/bin/pip" install -q "${requirements[@]}" &&
+    "$venv/bin/pip" install -q --no-deps "$cookbook"; } >"$log" 2>&1; then
     grep -v "is ignored: it is neither" "$log" >&2
     exit 1
   fi
   rm -f "$log"
-  echo "$pins" >"$stamp"
+  echo "$key" >"$stamp"
 fi
 
 model="${COOKBOOK_MODEL:-}"

@@ -100,9 +100,13 @@ def test_math_rl_and_supervised_recipes_run_unmodified(server, tiny_model, tmp_p
         server, tiny_model, "math_rl", math_path,
         "max_steps=2", "groups_per_batch=2", "group_size=4", "max_tokens=4", "save_every=0",
     )  # fmt: skip
-    rows = metrics(math_path)
+    # The last row holds only the run's cumulative token counts.
+    rows = [r for r in metrics(math_path) if "env/all/correct" in r]
     assert [r["step"] for r in rows] == [0, 1]
-    assert all("env/all/correct" in r and "optim/kl_sample_train_v1" in r for r in rows)
+    assert all("optim/kl_sample_train_v1" in r for r in rows)
+    # At its default loss, stable_reinforce, which samples with record_stability_info=True.
+    config = json.loads((math_path / "config.json").read_text())
+    assert config["loss_fn"] == "stable_reinforce"
 
     sl_path = tmp_path / "sl"
     run_recipe(server, tiny_model, "sl", sl_path, "max_steps=2", "batch_size=4", "save_every=2")

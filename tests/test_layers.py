@@ -21,8 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("rl", "envs", "samplers", "trainers")
 # What the loops and the server may take from the actors' packages: their configs and the
-# loss table (which losses exist and what they accept), not the actors themselves.
-ACTOR_VOCABULARY = {"trainers.config", "samplers.config", "trainers.losses"}
+# loss table (which losses exist and what they accept, custom-loss graphs included), not the
+# actors themselves.
+ACTOR_VOCABULARY = {
+    "trainers.config",
+    "samplers.config",
+    "trainers.losses",
+    "trainers.custom_graph",  # the custom-loss allow-list: the server checks graphs with it
+}
 
 
 def modules(root: Path) -> dict[str, Path]:
@@ -168,3 +174,29 @@ def test_the_rules_catch_what_they_forbid(tmp_path):
         "trainers.trainer imports samplers.pool",
     ]
     assert [sorted(set(cycle)) for cycle in found] == [["samplers.actor", "samplers.pool"]]
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(root: Path) -> list[str]:
+    """'module.function (N lines)' for every product function longer than the limit."""
+    found = []
+    for name, path in sorted(modules(root).items()):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{name}.{node.name} ({lines} lines)")
+    return found
+
+
+def test_no_product_function_is_long():
+    assert long_functions(ROOT) == []
+
+
+def test_the_length_rule_catches_a_long_function(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "long.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}")
+    assert long_functions(tmp_path) == [f"rl.long.long ({MAX_FUNCTION_LINES + 1} lines)"]

@@ -195,6 +195,44 @@ def test_rl_losses_and_forward_only(alice, tiny_model):
     assert logprobs_of(before) == logprobs_of(after)
 
 
+def test_gspo_over_http_is_a_sequence_ratio_per_datum(alice, tiny_model):
+    """gspo through the SDK, as cookbook 0.6.1's rl_loop builds it (prompt positions 0, a
+    sequence_ratio_mask on the sampled tokens): the loss of the formula applied per datum to
+    the logprobs returned."""
+    client = alice.create_lora_training_client(tiny_model, rank=4, seed=3).result()
+    rng = random.Random(1)
+    data, inputs = [], []
+    for ob_len, sampled in ((3, 5), (6, 2)):
+        n = ob_len + sampled
+        tokens = [rng.randrange(1, 3000) for _ in range(n + 1)]
+        q = [0.0] * ob_len + [-rng.uniform(10.0, 11.5) for _ in range(sampled)]  # p ~ -10.8
+        a = [0.0] * ob_len + [rng.choice([-1.0, 1.0])] * sampled
+        m = [0.0] * ob_len + [1.0] * sampled
+        loss_fn_inputs = {
+            "target_tokens": tokens[1:],
+            "logprobs": q,
+            "advantages": a,
+            "sequence_ratio_mask": m,
+        }
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=loss_fn_inputs
+            )
+        )
+        inputs.append((q, a, m))
+    config = {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}
+    out = client.forward_backward(data, "gspo", loss_fn_config=config).result()
+    expected, ratios = 0.0, []
+    logprobs = [o["logprobs"].tolist() for o in out.loss_fn_outputs]
+    for (q, a, m), p in zip(inputs, logprobs, strict=True):
+        inside = [pt - qt for pt, qt, mt in zip(p, q, m, strict=True) if mt]
+        s = math.exp(sum(inside) / len(inside))
+        expected -= sum(min(s * at, min(max(s, 0.5), 1.5) * at) for at in a)
+        ratios.append(s)
+    assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-4)
+    assert out.metrics["ratio:mean"] == pytest.approx(sum(ratios) / 2, rel=1e-4)
+
+
 def test_custom_loss_runs_client_side(alice, tiny_model):
     import torch
 
@@ -597,7 +635,7 @@ def test_runs_and_checkpoints_survive_a_restart(server_env, tiny_model, tmp_path
 
 def test_unsupported_endpoints_say_so(server_env):
     with raw(server_env) as http:
-        for path in ("/copy_weights", "/save_weights_external", "/create_custom_loss"):
+        for path in ("/copy_weights", "/save_weights_external"):
             response = http.post(path, json={})
             assert response.status_code == 400 and "not supported" in response.json()["detail"]
     with raw(server_env, who="") as anonymous:

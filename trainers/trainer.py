@@ -52,7 +52,7 @@ from trainers import distributed, lora
 from trainers.batching import plan_buckets
 from trainers.config import TrainerConfig
 from trainers.logprobs import target_logprobs
-from trainers.losses import LOSSES
+from trainers.losses import LOSSES, per_datum_loss
 from trainers.memory import GIB, MemoryBudget, ModelShape
 from trainers.mixed import Call, MixedBatch, adapters_of_rows, tokens_with_adapter
 from trainers.packing import TrieRow, pack_bucket, plan_rows
@@ -806,13 +806,22 @@ class LoraTrainer:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss over the datums `indices` (in that order), whose logprobs are given."""
         datums = [batch.datums[i] for i in indices]
+        if batch.custom is not None:  # a loss sent as a graph (trainers/custom_graph.py)
+            return batch.custom.batch_loss(logprobs, [d.inputs for d in datums], self.device)
+        spec = LOSSES[batch.loss_fn]
+        if spec.per_datum:  # one call per datum (a sequence-level loss: gspo)
+            inputs_D = [
+                {k: v.to(self.device) for k, v in d.inputs.items() if k != "target_tokens"}
+                for d in datums
+            ]
+            return per_datum_loss(spec.fn, logprobs, inputs_D, batch.loss_fn_config)
         flat = torch.cat(logprobs)
         inputs = {
             key: torch.cat([d.inputs[key] for d in datums]).to(self.device)
             for key in datums[0].inputs
             if key != "target_tokens"
         }
-        loss, metrics = LOSSES[batch.loss_fn].fn(flat, inputs, batch.loss_fn_config)
+        loss, metrics = spec.fn(flat, inputs, batch.loss_fn_config)
         return loss, metrics
 
     def _checkpoint_path(self, model_id: str, kind: str, name: str) -> Path:

@@ -14,9 +14,11 @@ import torch
 
 from rl.errors import InvalidRequestError
 from rl.types import Datum
+from trainers import custom_graph
+from trainers.custom_graph import CustomGraph
 from trainers.losses import LOSSES, resolve_config
 
-FLOAT_KEYS = ("weights", "advantages", "logprobs")
+FLOAT_KEYS = ("weights", "advantages", "logprobs", "sequence_ratio_mask")
 
 
 @dataclass
@@ -34,6 +36,7 @@ class PreparedBatch:
     loss_fn: str
     loss_fn_config: dict[str, float]
     datums: list[PreparedDatum]
+    custom: CustomGraph | None = None  # the rebuilt graph of loss_fn "custom"
 
 
 def prepare_batch(
@@ -44,14 +47,20 @@ def prepare_batch(
     vocab_size: int,
     max_context: int,
 ) -> PreparedBatch:
-    if loss_fn not in LOSSES:
+    custom, config = None, {}
+    if loss_fn == custom_graph.CUSTOM:  # loss_fn_config holds the graph (trainers/custom_graph.py)
+        custom = custom_graph.from_config(loss_fn_config)
+    elif loss_fn not in LOSSES:
         known = ", ".join(sorted(LOSSES))
-        raise InvalidRequestError(f"unknown loss {loss_fn!r}; built-in losses: {known}")
-    config = resolve_config(loss_fn, loss_fn_config)
+        raise InvalidRequestError(
+            f"unknown loss {loss_fn!r}; built-in losses: {known} (and 'custom', a graph)"
+        )
+    else:
+        config = resolve_config(loss_fn, loss_fn_config)
     if not isinstance(data, (list, tuple)) or len(data) == 0:
         raise InvalidRequestError("empty batch: forward_backward needs at least one datum")
     datums = [
-        _prepare_datum(i, datum, loss_fn, vocab_size=vocab_size, max_context=max_context)
+        _prepare_datum(i, datum, loss_fn, custom, vocab_size=vocab_size, max_context=max_context)
         for i, datum in enumerate(data)
     ]
     trailing = {tuple(d.inputs["target_tokens"].shape[1:]) for d in datums}
@@ -60,11 +69,17 @@ def prepare_batch(
             f"target_tokens of the batch mix trailing shapes {sorted(trailing)}; top-K targets "
             "must use the same K in every datum of one call"
         )
-    return PreparedBatch(loss_fn, config, datums)
+    return PreparedBatch(loss_fn, config, datums, custom)
 
 
 def _prepare_datum(
-    index: int, datum: Datum, loss_fn: str, *, vocab_size: int, max_context: int
+    index: int,
+    datum: Datum,
+    loss_fn: str,
+    custom: CustomGraph | None,
+    *,
+    vocab_size: int,
+    max_context: int,
 ) -> PreparedDatum:
     where = f"datum {index}"
     if isinstance(datum, dict):
@@ -83,6 +98,8 @@ def _prepare_datum(
             f"{where}: model_input has {n} tokens, more than the model's context of {max_context}"
         )
     _check_token_ids(f"{where}: model_input", np.asarray(tokens), vocab_size)
+    if custom is not None:
+        return _custom_datum(where, datum, tokens, custom, vocab_size)
 
     spec = LOSSES[loss_fn]
     provided = set(datum.loss_fn_inputs)
@@ -133,6 +150,17 @@ def _prepare_datum(
                 f"{where}: loss_fn_inputs[{key!r}] has shape {list(tensor.shape)} but "
                 f"target_tokens has shape {list(target_shape)}"
             )
+    return PreparedDatum(tokens=torch.tensor(tokens, dtype=torch.int64), inputs=inputs)
+
+
+def _custom_datum(
+    where: str, datum: Datum, tokens: list[int], custom: CustomGraph, vocab_size: int
+) -> PreparedDatum:
+    """A datum of a custom loss: the keys its graph reads, at their declared ranks (others
+    are ignored: the SDK sends every key)."""
+    inputs = custom.datum_inputs(where, datum.loss_fn_inputs, len(tokens))
+    field = f"{where}: loss_fn_inputs['target_tokens']"
+    _check_token_ids(field, inputs["target_tokens"].numpy(), vocab_size)
     return PreparedDatum(tokens=torch.tensor(tokens, dtype=torch.int64), inputs=inputs)
 
 

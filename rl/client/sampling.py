@@ -23,6 +23,7 @@ long as it lives (rl/client/pools.py, `AdapterBackup`, for merged-mode weight sy
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from rl.checkpoint_format import read_sampler_checkpoint
@@ -61,8 +62,12 @@ class SamplingClient:
         sampling_params: SamplingParams | None = None,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        *,
+        owner: str = "",
     ) -> APIFuture[SampleResponse]:
-        """`num_samples` completions of `prompt`. Bad input raises InvalidRequestError here."""
+        """`num_samples` completions of `prompt`. Bad input raises InvalidRequestError here.
+        `owner` names whose turn the request takes in the pool's fair queue (the server passes
+        the tenant); by default, the sampled model's."""
         assert self.pool.info is not None
         request = build_request(
             prompt,
@@ -73,6 +78,8 @@ class SamplingClient:
             topk_prompt_logprobs=topk_prompt_logprobs,
             weights=self.weights,
         )
+        if owner:
+            request = dataclasses.replace(request, owner=owner)
         if self.backup is not None:
             return APIFuture(submit(self.backup.sample(self.pool, request)))
         return APIFuture(submit(self.pool.sample(request)))

@@ -68,12 +68,14 @@ class Config:
     """AdamW beta2"""
     grad_clip_norm: float = 1.0
     """clip the gradient to this norm (0 = off)"""
-    loss_fn: Literal["importance_sampling", "ppo", "cispo", "dro"] = "ppo"
+    loss_fn: Literal["importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"] = (
+        "ppo"
+    )
     """policy loss (trainers/losses.py); all correct the sampler/trainer gap via logprobs"""
     clip_low: float | None = None
-    """ppo/cispo clip_low_threshold (None = the loss default)"""
+    """ppo/cispo/gspo clip_low_threshold (None = the loss default)"""
     clip_high: float | None = None
-    """ppo/cispo clip_high_threshold (None = the loss default)"""
+    """ppo/cispo/gspo clip_high_threshold (None = the loss default)"""
     dro_beta: float | None = None
     """dro beta (None = the loss default)"""
     loss_reduction: Literal["token_mean", "sum"] = "token_mean"
@@ -186,10 +188,11 @@ class Config:
                 f"env={self.env!r}: expected one of {sorted(BUILTIN_ENVS)} or 'module:function'"
             )
         resolve_config(self.loss_fn, self.loss_config())  # unknown / bad loss keys fail here
-        if self.loss_reduction == "token_mean" and self.loss_fn == "dro":
+        if self.loss_reduction == "token_mean" and self.loss_fn in ("dro", "stable_reinforce"):
             raise InvalidRequestError(
                 "loss_reduction=token_mean scales the advantages, which is the token mean only "
-                "for losses linear in them; dro has a quadratic term: use loss_reduction=sum"
+                f"for losses linear in them; {self.loss_fn} has a term without them: use "
+                "loss_reduction=sum"
             )
         parse_env_args(self.env_args)
 

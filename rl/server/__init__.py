@@ -7,8 +7,9 @@ tinker-cookbook run against it unmodified.
 
 Layout: `app.py` (the FastAPI app: body limit, error answers), `routes/` (the HTTP routes,
 one module per concern: sessions, training, sampling, futures, runs, metrics), `state.py`
-(sessions, models, samplers, per-model order), `lifecycle.py` (sessions ended when their
-heartbeats stop), `limits.py` (per-tenant caps), `metrics.py` (`GET /metrics`), `futures.py`
+(sessions, models, samplers, per-model order), `custom_losses.py` (create_custom_loss graphs,
+per session), `lifecycle.py` (sessions ended when their heartbeats stop), `limits.py`
+(per-tenant caps), `metrics.py` (`GET /metrics`), `futures.py`
 (request futures, seq_id ordering), `store.py` (durable runs and checkpoints, storage caps),
 `wire.py` (protobuf and JSON <-> engineroom records), `keys.py` (API keys), `config.py`.
 The training and sampling are the in-process client API's (`rl.ServiceClient`): the server

@@ -54,6 +54,14 @@ class ServerConfig:
     """Checkpoint storage per tenant, GiB, counted from the files of its listed checkpoints; a
     save that would go over it is refused with an error naming the cap and the tenant's use
     (deleting checkpoints or letting their TTL run out frees room). 0 = no cap."""
+    sequence_record_ttl_s: float = 86400.0
+    """How long a sampled sequence's record (sampling with record_stability_info=True, for
+    stable_reinforce) lives after its last use: sampling it, or a training request naming it.
+    A day, the SDK's promise ("can be trained on for one day after sampling")."""
+    max_sequence_record_mib_per_tenant: float = 256.0
+    """Memory for one tenant's sequence records, MiB (about 8 bytes a sampled token, plus 4 a
+    prompt token per request); past it the least recently used records go first, and a span
+    naming one is an error that says so."""
     verbose: bool = False
     """Log every request, and show Ray's, vLLM's and transformers' logs on the console."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -91,6 +99,15 @@ class ServerConfig:
             raise InvalidRequestError(
                 f"--max_checkpoint_gib_per_tenant={self.max_checkpoint_gib_per_tenant} must be "
                 ">= 0 (0 = no cap)"
+            )
+        if not self.sequence_record_ttl_s > 0:
+            raise InvalidRequestError(
+                f"--sequence_record_ttl_s={self.sequence_record_ttl_s} must be > 0"
+            )
+        if not self.max_sequence_record_mib_per_tenant > 0:
+            raise InvalidRequestError(
+                "--max_sequence_record_mib_per_tenant="
+                f"{self.max_sequence_record_mib_per_tenant} must be > 0"
             )
         if not self.session_timeout_s > 0:
             raise InvalidRequestError(f"--session_timeout_s={self.session_timeout_s} must be > 0")

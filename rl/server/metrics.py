@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from rl.client.service import ServiceClient
     from rl.server.config import ServerConfig
     from rl.server.futures import FutureStore
+    from rl.server.provenance import SequenceStore
 
 logger = logging.getLogger("rl.server")
 
@@ -56,6 +57,7 @@ class Observed(Protocol):
     config: ServerConfig
     service: ServiceClient
     limits: InflightGate
+    sequences: SequenceStore
 
     def models_alive(self) -> dict[str, int]: ...
 
@@ -247,12 +249,35 @@ class StateGauges(Collector):
         for tenant, n in sorted(gate["queued_total"].items()):
             queued.add_metric([tenant], n)
         yield queued
+        yield from _sequence_families(self.state.sequences)
         config = self.state.config
         caps = GaugeMetricFamily("engineroom_limit", "The server's caps", labels=["limit"])
         for limit in ("max_models_per_tenant", "max_inflight_per_tenant", "max_inflight_samples"):
             caps.add_metric([limit], getattr(config, limit))
         yield caps
         yield from self.actors.families()
+
+
+def _sequence_families(store: SequenceStore) -> Iterator[Metric]:
+    """The sampled-sequence records (rl/server/provenance.py): held, their bytes, and those
+    dropped, by why (`expired`, `evicted`, `session ended`)."""
+    held = store.snapshot()
+    yield _family(
+        "engineroom_sequences_recorded",
+        "Sampled sequences recorded",
+        {t: n for t, (n, _) in held.items()},
+    )
+    yield _family(
+        "engineroom_sequence_record_bytes",
+        "Bytes of the sequence records",
+        {t: b for t, (_, b) in held.items()},
+    )
+    dropped = CounterMetricFamily(
+        "engineroom_sequences_dropped", "Sequence records dropped", labels=["tenant", "reason"]
+    )
+    for (tenant, why), n in sorted(store.dropped().items()):
+        dropped.add_metric([tenant, why], n)
+    yield dropped
 
 
 def _family(name: str, doc: str, values: dict[str, int]) -> GaugeMetricFamily:

@@ -31,16 +31,18 @@ from rl.client.service import ServiceClient
 from rl.client.training import TrainingClient
 from rl.client.weight_sync import PendingSync
 from rl.errors import InvalidRequestError, NotFoundError
-from rl.futures import chain
+from rl.futures import chain, settle
 from rl.models import resolve_model
 from rl.server.config import ServerConfig
+from rl.server.custom_losses import CustomLosses
 from rl.server.futures import Encoding, FutureStore, ModelOrder, failed, flatten
 from rl.server.lifecycle import SessionReaper
 from rl.server.limits import InflightGate, check_models
 from rl.server.metrics import ServerMetrics, metered
+from rl.server.provenance import SequenceStore, record_sample, resolve, sequence_ids, session_of
 from rl.server.store import RunRecord, RunStore, tinker_path
 from rl.server.wire import ForwardBackwardCall, model_input, sampling_params
-from rl.types import AdamParams
+from rl.types import AdamParams, SampleResponse
 
 logger = logging.getLogger("rl.server")
 _RELEASED_KEPT = 10_000  # released model ids remembered, for their error message
@@ -91,6 +93,11 @@ class ServerState:
         self._released: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._served = self._served_models(config)
         self.limits = InflightGate(config.max_inflight_per_tenant)
+        self.custom_losses = CustomLosses()  # create_custom_loss graphs, per session
+        # Records of sampled sequences (record_stability_info), for provenance spans.
+        self.sequences = SequenceStore(
+            config.sequence_record_ttl_s, int(config.max_sequence_record_mib_per_tenant * 2**20)
+        )
         self.metrics = ServerMetrics(self)
         self._reaper = SessionReaper(self, config.session_timeout_s)
 
@@ -193,6 +200,8 @@ class ServerState:
             prefix = f"{session_id}:"
             models = [m for m in self._models if m.startswith(prefix)]
             samplers = [s for s in self._samplers if s.startswith(prefix)]
+        self.sequences.end_session(session_id)  # provenance is session-scoped
+        self.custom_losses.end_session(session_id)
         return models, samplers
 
     def _release_all(self, models: list[str], samplers: list[str], why: str) -> None:
@@ -409,10 +418,35 @@ class ServerState:
         def start(client: TrainingClient) -> concurrent.futures.Future:
             if call.error is not None or call.data is None:
                 raise call.error or InvalidRequestError("the request has no data")
+            # Spans are resolved on the call's turn: against the records as they are then.
+            session_id = call.model_id.split(":train:", 1)[0]
+            resolved = resolve(self.sequences, tenant, session_id, call.loss_fn, call.data)
             method = client.forward if call.forward_only else client.forward_backward
-            return method(call.data, call.loss_fn, call.loss_fn_config).future()
+            config = self.custom_losses.loss_config(tenant, call)  # custom: loss_id -> graph
+            future = method(resolved.data, call.loss_fn, config).future()
+            if resolved.used:  # a training request that used them restarts their TTL
+
+                def used(f: concurrent.futures.Future) -> None:
+                    if not f.cancelled() and f.exception() is None:
+                        self.sequences.touch(tenant, resolved.used)
+
+                future.add_done_callback(used)
+            return future
 
         return self.in_order(tenant, call.model_id, call.seq_id, start, "forward_backward")
+
+    @metered()
+    def create_custom_loss(self, tenant: str, request: tt.CreateCustomLossRequest) -> str:
+        """Stores the session's traced loss (rl/server/custom_losses.py); the request id of
+        its future, which holds the loss id, or a user error naming what the graph breaks."""
+        self.session(tenant, request.session_id)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            loss_id = self.custom_losses.create(tenant, request)
+            future.set_result(tt.CreateCustomLossResponse(loss_id=loss_id))
+        except InvalidRequestError as error:
+            future.set_exception(error)
+        return self.futures.add(tenant, future, "json")
 
     @metered()
     def optim_step(self, tenant: str, request: tt.OptimStepRequest) -> str:
@@ -569,6 +603,9 @@ class ServerState:
         if not request.sampling_session_id:
             raise InvalidRequestError("asample needs a sampling_session_id")
         sampler = self.sampler(tenant, request.sampling_session_id)
+        # Filed first: the sequence ids (and so the records) are made from its request id.
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        request_id = self.futures.add(tenant, result, "sample")
         try:
             _check_sample_options(request)
             future = sampler.client.sample(
@@ -577,11 +614,40 @@ class ServerState:
                 sampling_params(request.sampling_params),
                 include_prompt_logprobs=bool(request.prompt_logprobs),
                 topk_prompt_logprobs=request.topk_prompt_logprobs,
+                owner=tenant,
             ).future()
+            if request.record_stability_info:  # recorded before the client can see the result
+                future = chain(future, self._recorder(tenant, request, request_id))
         except (InvalidRequestError, NotFoundError, ValueError) as error:
             future = failed(error)  # bad input: a failed future with category "user"
-        self.limits.track(tenant, future)
-        return self.futures.add(tenant, future, "sample")
+        future.add_done_callback(lambda f: settle(result, f.result))
+        self.limits.track(tenant, result)
+        return request_id
+
+    def _recorder(
+        self, tenant: str, request: tt.SampleRequest, request_id: str
+    ) -> Callable[[SampleResponse], SampleResponse]:
+        """Records each sequence of the sample's response under its id (rl/server/provenance.py)."""
+        sampler_id = request.sampling_session_id
+        assert sampler_id is not None
+        ids = sequence_ids(sampler_id, request_id, request.num_samples)
+        prompt = model_input(request.prompt).to_ints()
+        params = request.sampling_params
+
+        def record(response: SampleResponse) -> SampleResponse:
+            records = record_sample(
+                session_of(sampler_id),
+                sampler_id,
+                prompt,
+                [(s.tokens, s.logprobs) for s in response.sequences],
+                params.temperature,
+                params.top_k,
+                params.top_p,
+            )
+            self.sequences.add(tenant, dict(zip(ids, records, strict=True)))
+            return response
+
+        return record
 
     def sampling_busy(self) -> bool:
         return self.futures.inflight("sample") >= self.config.max_inflight_samples
@@ -593,7 +659,6 @@ def _check_sample_options(request: tt.SampleRequest) -> None:
         "target_prompt_logprobs": request.target_prompt_logprobs is not None,
         "prompt_alt_tokens_k": request.prompt_alt_tokens_k,
         "prompt_logprobs_last_n": request.prompt_logprobs_last_n is not None,
-        "record_stability_info": bool(request.record_stability_info),
     }
     asked = [name for name, value in unsupported.items() if value]
     if asked:

@@ -28,9 +28,13 @@ from rl.types import (
     Datum,
     ForwardBackwardOutput,
     ModelInput,
+    PromptSpan,
+    SampledSpan,
     SampleResponse,
     SamplingParams,
     TensorData,
+    provenance_error,
+    target_length,
 )
 
 
@@ -59,6 +63,7 @@ class ForwardBackwardCall:
     loss_fn_config: dict[str, float] | None
     data: list[Datum] | None  # None when the content is bad: `error` says why
     error: InvalidRequestError | None = None
+    loss_id: str | None = None  # loss_fn "custom": the create_custom_loss id (a text config)
 
 
 def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
@@ -85,6 +90,7 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardCall:
     )
     try:
         call.loss_fn_config = _loss_config(message)
+        call.loss_id = _loss_id(message)
         call.data = [_datum(i, d) for i, d in enumerate(message.data)]
     except InvalidRequestError as e:
         call.error = e
@@ -97,6 +103,8 @@ def _loss_config(message: Any) -> dict[str, float] | None:
         config: dict[str, float] = {}
         for key, value in message.loss_fn_config_v2.items():
             if value.WhichOneof("value") == "text":
+                if key == "loss_id" and message.loss_fn == "custom":
+                    continue  # read by _loss_id
                 raise InvalidRequestError(
                     f"loss_fn_config[{key!r}] = {value.text!r}: this server's losses take "
                     "numbers only"
@@ -104,6 +112,15 @@ def _loss_config(message: Any) -> dict[str, float] | None:
             config[key] = value.number
         return config
     return dict(message.loss_fn_config) or None
+
+
+def _loss_id(message: Any) -> str | None:
+    """The text `loss_id` of a `custom` call (the SDK's `forward_backward_custom` with a
+    server-side loss sends only that, in `loss_fn_config_v2`)."""
+    if message.loss_fn != "custom" or "loss_id" not in message.loss_fn_config_v2:
+        return None
+    value = message.loss_fn_config_v2["loss_id"]
+    return value.text if value.WhichOneof("value") == "text" else None
 
 
 def _datum(index: int, message: Any) -> Datum:
@@ -122,10 +139,56 @@ def _datum(index: int, message: Any) -> Datum:
         key: _tensor(f"datum {index}: loss_fn_inputs[{key!r}]", tensor)
         for key, tensor in message.loss_fn_inputs.items()
     }
+    model_input_spans, loss_fn_input_spans = _spans(index, message)
     try:
-        return Datum(model_input=ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
+        datum = Datum(model_input=ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
     except ValueError as e:
         raise InvalidRequestError(f"datum {index}: {e}") from None
+    if model_input_spans is None:
+        return datum
+    error = provenance_error(
+        len(tokens), target_length(datum), model_input_spans, loss_fn_input_spans
+    )
+    if error is not None:
+        raise InvalidRequestError(f"datum {index}: {error}")
+    return datum.model_copy(
+        update={"model_input_spans": model_input_spans, "loss_fn_input_spans": loss_fn_input_spans}
+    )
+
+
+def _spans(
+    index: int, message: Any
+) -> tuple[list[PromptSpan | SampledSpan] | None, list[PromptSpan | SampledSpan] | None]:
+    """Fields 3 and 4 (`model_input_spans`, `loss_fn_input_spans`). A repeated field has no
+    presence on the wire: both empty is a datum without provenance, one empty is an empty list
+    (which then fails the tiling check)."""
+    if not message.model_input_spans and not message.loss_fn_input_spans:
+        return None, None
+    return (
+        [_span(index, "model_input_spans", j, s) for j, s in enumerate(message.model_input_spans)],
+        [
+            _span(index, "loss_fn_input_spans", j, s)
+            for j, s in enumerate(message.loss_fn_input_spans)
+        ],
+    )
+
+
+def _span(index: int, field: str, j: int, message: Any) -> PromptSpan | SampledSpan:
+    kind = message.WhichOneof("span")
+    if kind is None:
+        raise InvalidRequestError(
+            f"datum {index}: {field}[{j}] is neither a prompt nor a sampled span"
+        )
+    arm = getattr(message, kind)
+    record = PromptSpan if kind == "prompt_tokens" else SampledSpan
+    try:
+        return record(sequence_id=arm.sequence_id, offset=arm.offset, length=arm.length)
+    except ValueError:
+        raise InvalidRequestError(
+            f"datum {index}: {field}[{j}] has sequence_id {arm.sequence_id!r}, offset "
+            f"{arm.offset}, length {arm.length}; it needs a sequence_id, offset >= 0 and "
+            "length >= 0"
+        ) from None
 
 
 def _tensor(where: str, message: Any) -> TensorData:

@@ -4,7 +4,8 @@ mounts each under `/api/v1`. Handlers read the `ServerState` and the `KeyStore` 
 
     common.py     the tenant (X-API-Key) and state dependencies, the future answer, JSON bodies
     sessions.py   healthz, client config, sessions, heartbeats, telemetry, server capabilities
-    training.py   training models: create, forward_backward, optim_step, save, load
+    training.py   training models: create, forward_backward, create_custom_loss, optim_step,
+                  save, load
     refused.py    the protocol's endpoints this server does not implement: a 400 that says why
     sampling.py   sampling sessions and `asample`
     futures.py    `retrieve_future`: the long poll that answers every future

@@ -19,8 +19,6 @@ _PEFT_ALREADY = "sampler checkpoints are standard PEFT directories already, on t
 # (method, path) -> why this server refuses it.
 REFUSED: dict[tuple[str, str], str] = {
     ("POST", "/save_weights_external"): _PEFT_ALREADY,
-    ("POST", "/create_custom_loss"): "this server tells the SDK to run custom losses "
-    "client-side (custom_loss_server_side=false)",
     ("POST", "/copy_weights"): "load the checkpoint into a new training client instead",
     ("POST", "/auth/token"): "this server takes API keys only (pjwt_auth_enabled=false)",
     ("POST", "/retrieve_futures"): "poll retrieve_future (sample_use_retrieve_futures=false)",

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from tinker import types as tt
 
+from rl.server.provenance import sequence_ids
 from rl.server.routes.common import State, Tenant, future
 from rl.server.state import ServerState
 
@@ -42,7 +43,7 @@ async def asample(body: tt.SampleRequest, who: Tenant, state: State) -> Response
         # The SDK's sampling client retries a 429 for as long as it takes.
         return JSONResponse({"detail": detail}, 429, headers={"retry-after": "1"})
     request_id = state.sample(who, body)
-    ids = [f"{request_id}:{i}" for i in range(body.num_samples)]
+    ids = sequence_ids(body.sampling_session_id or "", request_id, body.num_samples)
     return future(request_id, sample_sequence_ids=ids)
 
 

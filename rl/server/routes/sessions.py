@@ -21,14 +21,15 @@ async def healthz() -> dict[str, str]:
 
 @router.post("/client/config")
 async def client_config(_: Tenant, state: State) -> dict[str, Any]:
-    # Conservative flags: no JWT exchange, per-request futures, client-side custom
-    # losses, uncompressed protobuf, httpx's own transport.
+    # Conservative flags: no JWT exchange, per-request futures, uncompressed protobuf, httpx's
+    # own transport. Custom losses run on the server: the SDK uploads a LossHandle's graph
+    # (create_custom_loss) only when this flag says so, else it runs the loss itself.
     return tt.ClientConfigResponse(
         pjwt_auth_enabled=False,
         proto_compress_fwdbwd=False,
         use_pyqwest_transport=False,
         sample_use_retrieve_futures=False,
-        custom_loss_server_side=False,
+        custom_loss_server_side=True,
         sample_join_sampling_session=False,
         sample_max_concurrent_requests=state.config.max_inflight_samples,
         fwdbwd_max_chunk_len=state.config.max_chunk_datums,

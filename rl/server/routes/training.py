@@ -1,4 +1,4 @@
-"""Training models: create, forward_backward, optim_step, save and load."""
+"""Training models: create, forward_backward (and custom losses), optim_step, save and load."""
 
 from __future__ import annotations
 
@@ -42,6 +42,14 @@ async def forward_backward(request: Request, who: Tenant, state: State) -> dict[
         body = _unzstd(body, int(state.config.max_body_mib * 2**20) * 8)
     call = decode_forward_backward(body)
     return future(state.forward_backward(who, call), call.model_id)
+
+
+@router.post("/create_custom_loss")
+async def create_custom_loss(
+    body: tt.CreateCustomLossRequest, who: Tenant, state: State
+) -> dict[str, Any]:
+    """Stores a traced loss graph for `loss_fn="custom"`; the future holds its loss id."""
+    return future(state.create_custom_loss(who, body))
 
 
 @router.post("/optim_step")
