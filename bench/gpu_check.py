@@ -20,7 +20,7 @@ Ray actor is a thin shell around it).
    masking not subtracted); peak = 989 TFLOP/s bf16 dense on H100/H200 (`peak_tflops` for
    others). Anchor: prime-rl 21.7% (6.2k tok/s on one H100); target >= 40%.
 3. numerics: a tiny model in float32 on the device vs on the CPU, same adapter, after one
-   optimizer step: target logprobs within 1e-3, and the five built-in losses' `loss:sum`.
+   optimizer step: target logprobs within 1e-3, and every built-in loss's `loss:sum`.
    With device=cpu both sides are the CPU (the comparison still runs).
 4. sampler: the torch engine (samplers/engine_torch.py) on the device, 64 prompts x 128
    tokens, one request at a time as the engine serves them; stops early at
@@ -330,7 +330,7 @@ def mfu(config: Config, workdir: Path) -> dict[str, Any]:
 
 
 def numerics(config: Config, workdir: Path) -> dict[str, Any]:
-    """Float32 logprobs and the five losses on the device vs on the CPU (same adapter)."""
+    """Float32 logprobs and the built-in losses on the device vs on the CPU (same adapter)."""
     from trainers.losses import LOSSES
 
     model_dir = build_model(workdir / "numerics", TINY, "cpu", config.seed)

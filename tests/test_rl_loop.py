@@ -125,6 +125,7 @@ def test_custom_env_example_runs(torch_service, tiny_model, tmp_path, monkeypatc
         (["env=chess"], "env='chess': expected one of"),
         (["loss_fn=dro", "clip_low=0.5"], "does not take clip_low_threshold"),
         (["loss_fn=dro"], "dro has a quadratic term: use loss_reduction=sum"),
+        (["loss_fn=stable_reinforce"], "stable_reinforce has a KL term: use loss_reduction=sum"),
         (["env_args=level"], "env_args item 'level' is not key=value"),
         (["temperature=-1"], "temperature=-1.0 must be"),
     ],

@@ -188,10 +188,11 @@ class Config:
                 f"env={self.env!r}: expected one of {sorted(BUILTIN_ENVS)} or 'module:function'"
             )
         resolve_config(self.loss_fn, self.loss_config())  # unknown / bad loss keys fail here
-        if self.loss_reduction == "token_mean" and self.loss_fn in ("dro", "stable_reinforce"):
+        nonlinear = {"dro": "a quadratic term", "stable_reinforce": "a KL term"}
+        if self.loss_reduction == "token_mean" and self.loss_fn in nonlinear:
             raise InvalidRequestError(
                 "loss_reduction=token_mean scales the advantages, which is the token mean only "
-                f"for losses linear in them; {self.loss_fn} has a term without them: use "
+                f"for losses linear in them; {self.loss_fn} has {nonlinear[self.loss_fn]}: use "
                 "loss_reduction=sum"
             )
         parse_env_args(self.env_args)
