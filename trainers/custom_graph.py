@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from rl.errors import InvalidRequestError
 from rl.types import TensorData
+from trainers.losses import merge_metrics
 
 CUSTOM = "custom"  # the loss_fn of a graph loss
 CONFIG_KEYS = ("name", "inputs", "graph")  # its loss_fn_config
@@ -338,24 +339,19 @@ class CustomGraph:
         """The summed loss over datums (their target logprobs and `datum_inputs`), and the
         metrics: `loss:sum`, `:sum` metrics summed, `:mean` metrics averaged over datums."""
         total: torch.Tensor | None = None
-        values: dict[str, list[torch.Tensor]] = {}
+        reported: list[dict[str, float]] = []
         for logprobs, inputs in zip(logprobs_D, inputs_D, strict=True):
             args = [inputs[name].to(device) for name in self.input_names]
             loss, metrics = self(logprobs, *args)
             total = loss if total is None else total + loss
-            for key, value in metrics.items():
-                values.setdefault(key, []).append(value.detach().reshape(()).double())
+            reported.append({key: float(value.detach()) for key, value in metrics.items()})
         assert total is not None, "a batch has at least one datum"
         detached = torch.is_grad_enabled() and not total.requires_grad
         if detached and any(lp.requires_grad for lp in logprobs_D):
             raise InvalidRequestError(
                 f"custom loss {self.name!r} does not depend on logprobs: it has no gradient"
             )
-        out = {"loss:sum": float(total.detach())}
-        for key, parts in values.items():
-            summed = float(torch.stack(parts).sum())
-            out[key] = summed / len(parts) if key.endswith(":mean") else summed
-        return total, out
+        return total, {"loss:sum": float(total.detach()), **merge_metrics(reported)}
 
 
 def _fill(value: Any, env: list[Any], device: torch.device) -> Any:

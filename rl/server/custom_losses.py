@@ -18,6 +18,7 @@ from typing import Any
 from tinker import types as tt
 
 from rl.errors import InvalidRequestError, NotFoundError
+from rl.server.provenance import session_of
 from rl.server.wire import ForwardBackwardCall
 from trainers import custom_graph
 
@@ -80,7 +81,7 @@ class CustomLosses:
             stored = self._losses.get(call.loss_id)
         if stored is None or stored.tenant != tenant:
             raise NotFoundError(f"custom loss {call.loss_id!r} not found")
-        if call.model_id.split(":train:", 1)[0] != stored.session_id:
+        if session_of(call.model_id) != stored.session_id:
             raise InvalidRequestError(
                 f"custom loss {call.loss_id!r} belongs to another session than model "
                 f"{call.model_id!r}; create it with that model's ServiceClient"

@@ -49,9 +49,10 @@ RECORD_OVERHEAD = 400
 GONE_KEPT = 65_536
 
 
-def session_of(sampling_session_id: str) -> str:
-    """The session of a sampling session id (`<session>:sample:<n>`)."""
-    return sampling_session_id.split(":sample:", 1)[0]
+def session_of(server_id: str) -> str:
+    """The session a model or sampling session id belongs to (`<session>:train:<n>`,
+    `<session>:sample:<n>`; a session id has no colon)."""
+    return server_id.split(":", 1)[0]
 
 
 def sequence_ids(sampling_session_id: str, request_id: str, num_samples: int) -> list[str]:

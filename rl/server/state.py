@@ -211,6 +211,7 @@ class ServerState:
             self._release_sampler(sampler_id)
         logger.info("released %d model(s) and %d sampler(s): %s", len(models), len(samplers), why)
 
+    @metered()
     def unload_model(self, tenant: str, model_id: str) -> None:
         """Releases the model now (its adapter, optimizer state and sampler weights)."""
         self.model(tenant, model_id)  # another tenant's or an unknown one: NotFoundError
@@ -419,7 +420,7 @@ class ServerState:
             if call.error is not None or call.data is None:
                 raise call.error or InvalidRequestError("the request has no data")
             # Spans are resolved on the call's turn: against the records as they are then.
-            session_id = call.model_id.split(":train:", 1)[0]
+            session_id = session_of(call.model_id)
             resolved = resolve(self.sequences, tenant, session_id, call.loss_fn, call.data)
             method = client.forward if call.forward_only else client.forward_backward
             config = self.custom_losses.loss_config(tenant, call)  # custom: loss_id -> graph
@@ -491,8 +492,7 @@ class ServerState:
             raise InvalidRequestError(
                 "save_weights_for_sampler needs path or sampling_session_seq_id"
             )
-        session_id = request.model_id.split(":train:")[0]
-        sampler_id = f"{session_id}:sample:{request.sampling_session_seq_id}"
+        sampler_id = f"{session_of(request.model_id)}:sample:{request.sampling_session_seq_id}"
 
         def start(client: TrainingClient) -> concurrent.futures.Future:
             def finish(pending: PendingSync) -> concurrent.futures.Future:
