@@ -617,3 +617,5 @@ def test_sdk_custom_loss_errors_are_clear_and_scoped(server, tiny_model):
         assert "not in the allow-list" in answer["error"]
         body["session_id"] = bob.holder.get_session_id()  # another tenant's session
         assert http.post("/create_custom_loss", json=body).status_code == 404
+    with httpx.Client(base_url=url + "/api/v1") as anonymous:  # no key: refused
+        assert anonymous.post("/create_custom_loss", json=body).status_code == 401
