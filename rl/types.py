@@ -10,6 +10,7 @@ Departures from Tinker: only text chunks exist in `ModelInput` (no image or audi
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -75,17 +76,59 @@ class ModelInput(_Record):
 
 
 class TensorData(_Record):
-    """A dense tensor: flat row-major `data`, its `dtype` and `shape`."""
+    """A tensor: flat row-major `data`, its `dtype` and `shape`; or, with the two sparse
+    fields, a 2-D sparse CSR one (`data` holds the listed cells' values; the others read as
+    the pad value of `to_numpy`, 0 by default)."""
 
     data: list[int] | list[float]
     dtype: DType
     shape: list[int] | None = None
+    sparse_crow_indices: list[int] | None = None
+    sparse_col_indices: list[int] | None = None
 
     @model_validator(mode="after")
     def _check_shape(self) -> TensorData:
-        if self.shape is not None and math.prod(self.shape) != len(self.data):
-            raise ValueError(f"TensorData shape {self.shape} does not hold {len(self.data)} values")
+        if self.sparse_crow_indices is None and self.sparse_col_indices is None:
+            if self.shape is not None and math.prod(self.shape) != len(self.data):
+                raise ValueError(
+                    f"TensorData shape {self.shape} does not hold {len(self.data)} values"
+                )
+            return self
+        crow, col = self.sparse_crow_indices or [], self.sparse_col_indices or []
+        if self.shape is None or len(self.shape) != 2:
+            raise ValueError(f"a sparse CSR TensorData needs a 2-D shape, got {self.shape}")
+        rows, cols = self.shape
+        if (
+            len(crow) != rows + 1
+            or crow[0] != 0
+            or crow[-1] != len(self.data)
+            or len(col) != len(self.data)
+            or any(b < a for a, b in itertools.pairwise(crow))
+            or any(not 0 <= c < cols for c in col)
+        ):
+            raise ValueError(
+                f"sparse CSR TensorData of shape {self.shape}: crow_indices must run from 0 "
+                f"to len(data)={len(self.data)} over {rows + 1} entries, and col_indices hold "
+                f"one column in [0, {cols}) per value"
+            )
         return self
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.sparse_crow_indices is not None
+
+    def cells(self) -> list[tuple[int, int]]:
+        """The (row, column) of each value of a sparse tensor, in `data` order."""
+        crow, col = self.sparse_crow_indices or [], self.sparse_col_indices or []
+        return [(r, col[i]) for r in range(len(crow) - 1) for i in range(crow[r], crow[r + 1])]
+
+    def with_values_of(self, dense: np.ndarray) -> TensorData:
+        """This tensor's layout (sparse or dense) holding the values of `dense` (same shape)."""
+        if not self.is_sparse:
+            return TensorData.from_numpy(dense)
+        values = [dense[r, c].item() for r, c in self.cells()]
+        dtype: DType = "int64" if np.issubdtype(dense.dtype, np.integer) else "float32"
+        return self.model_copy(update={"data": values, "dtype": dtype})
 
     @classmethod
     def from_numpy(cls, array: np.ndarray) -> TensorData:
@@ -102,9 +145,16 @@ class TensorData(_Record):
             tensor = tensor.float()  # bf16 / fp16 are widened, as in Tinker
         return cls.from_numpy(tensor.numpy())
 
-    def to_numpy(self) -> np.ndarray:
+    def to_numpy(self, pad: float = 0) -> np.ndarray:
+        """The dense array; a sparse tensor's unlisted cells hold `pad`."""
         dtype = np.int64 if self.dtype == "int64" else np.float32
         array = np.asarray(self.data, dtype=dtype)
+        if self.is_sparse:
+            assert self.shape is not None
+            dense = np.full(self.shape, pad, dtype=dtype)
+            for (r, c), value in zip(self.cells(), array, strict=True):
+                dense[r, c] = value
+            return dense
         return array.reshape(self.shape) if self.shape is not None else array
 
     def to_torch(self) -> torch.Tensor:
@@ -360,11 +410,29 @@ class SampledSequence(_Record):
     stop_reason: Literal["stop", "length"]
     tokens: list[int]
     logprobs: list[float] | None = None
+    topk_logprobs: list[list[tuple[int, float]] | None] | None = None
+    """With `topk_sample_logprobs=k`: per sampled token, the k most likely (token_id, logprob)
+    pairs at that position, best first, in the same mode as `logprobs`."""
+
+
+class PromptAltTokens(_Record):
+    """`prompt_alt_tokens_k` draws at every prompt position after the first: row i holds k
+    tokens drawn (with replacement, at the request's temperature, top-k and top-p) from the
+    distribution over prompt token i + 1, and their logprobs in the mode of `logprobs`."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
 
 
 class SampleResponse(_Record):
     sequences: list[SampledSequence]
     prompt_logprobs: list[float | None] | None = None
-    # Per prompt position: (token_id, logprob) pairs, best first; entry 0 is None.
+    """Logprob of each prompt token given those before it; None where not scored (position 0,
+    and positions before `prompt_logprobs_last_n`)."""
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    """Per prompt position: (token_id, logprob) pairs, best first; None where not scored."""
+    target_prompt_logprobs: TensorData | None = None
+    """Float32 [len(prompt) - 1, K]: the logprob of each id the request's
+    `target_prompt_logprobs` named (row i at prompt position i + 1); 0.0 where it had -1."""
+    prompt_alt_tokens: PromptAltTokens | None = None
     type: Literal["sample"] = "sample"

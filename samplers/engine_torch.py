@@ -21,13 +21,14 @@ import queue
 import random
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from rl.errors import InvalidRequestError
-from rl.types import SampledSequence, SampleResponse
+from rl.types import PromptAltTokens, SampledSequence, SampleResponse, TensorData
 from samplers.config import SamplerConfig
 from samplers.types import EngineInfo, FullWeights, SampleRequest
 
@@ -102,40 +103,30 @@ class TorchEngine:
         prompt = torch.tensor([request.prompt], device=self._device)
         out = self._model(input_ids=prompt, use_cache=True)
         logits = out.logits[0].float()  # [L, V]
-        response = SampleResponse(sequences=[])
-        if request.include_prompt_logprobs or request.topk_prompt_logprobs:
-            response = _prompt_logprobs(logits, request)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        generator = torch.Generator(self._device).manual_seed(seed)
+        response = prompt_outputs(logits, request, generator)
         cache = out.past_key_values
         if n > 1:
             cache.batch_repeat_interleave(n)
         next_logits = logits[-1:].expand(n, -1)
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        generator = torch.Generator(self._device).manual_seed(seed)
         stop_ids, stop_strings = self._stops(params.stop)
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        logprobs: list[list[float]] = [[] for _ in range(n)]
-        reasons: list[Literal["stop", "length"] | None] = [None] * n
+        sequences = [_Growing() for _ in range(n)]
         for step in range(request.max_tokens):
-            token, token_logprobs = _sample_step(next_logits, params, generator)
-            chosen, chosen_logprobs = token.tolist(), token_logprobs.tolist()
-            for i in range(n):
-                if reasons[i] is not None:
-                    continue
-                tokens[i].append(chosen[i])
-                logprobs[i].append(chosen_logprobs[i])
-                if chosen[i] in stop_ids or self._hit_stop_string(tokens[i], stop_strings):
-                    reasons[i] = "stop"
-            if all(r is not None for r in reasons) or step == request.max_tokens - 1:
+            token, mode_logprobs = _sample_step(next_logits, params, generator)
+            _append_step(sequences, token, mode_logprobs, request.topk_sample_logprobs)
+            for sequence in sequences:
+                if sequence.reason is None and (
+                    sequence.tokens[-1] in stop_ids
+                    or self._hit_stop_string(sequence.tokens, stop_strings)
+                ):
+                    sequence.reason = "stop"
+            if all(s.reason is not None for s in sequences) or step == request.max_tokens - 1:
                 break
             out = self._model(input_ids=token.view(n, 1), past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             next_logits = out.logits[:, -1].float()
-        response.sequences = [
-            SampledSequence(
-                stop_reason=reasons[i] or "length", tokens=tokens[i], logprobs=logprobs[i]
-            )
-            for i in range(n)
-        ]
+        response.sequences = [s.record(request.topk_sample_logprobs) for s in sequences]
         return response
 
     def _stops(self, stop: Any) -> tuple[set[int], list[str]]:
@@ -277,37 +268,118 @@ def process_logits(
     return logits
 
 
+@dataclass
+class _Growing:
+    """One completion as it decodes; `reason` is set once it stops."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    topk: list[list[tuple[int, float]]] = field(default_factory=list)
+    reason: Literal["stop", "length"] | None = None
+
+    def record(self, k: int) -> SampledSequence:
+        return SampledSequence(
+            stop_reason=self.reason or "length",
+            tokens=self.tokens,
+            logprobs=self.logprobs,
+            topk_logprobs=list(self.topk) if k else None,
+        )
+
+
+def _append_step(
+    sequences: list[_Growing], token: torch.Tensor, mode_logprobs: torch.Tensor, k: int
+) -> None:
+    """Appends one decoded token (and its logprob, and top-k) to each unfinished sequence."""
+    chosen = token.tolist()
+    chosen_logprobs = mode_logprobs.gather(-1, token.view(-1, 1)).view(-1).tolist()
+    rows = _topk_rows(mode_logprobs, k) if k else None
+    for i, sequence in enumerate(sequences):
+        if sequence.reason is not None:
+            continue
+        sequence.tokens.append(chosen[i])
+        sequence.logprobs.append(chosen_logprobs[i])
+        if rows is not None:
+            sequence.topk.append(rows[i])
+
+
+def _topk_rows(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Each row's k best (token_id, logprob) pairs, best first; impossible tokens left out."""
+    values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
+    return [
+        [(i, v) for i, v in zip(row_ids, row_values, strict=True) if v != float("-inf")]
+        for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
+
+
 def _sample_step(
     logits: torch.Tensor, params: Any, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draws one token per row; returns (tokens [B], their logprobs [B]) per logprobs_mode."""
+    """Draws one token per row; returns (tokens [B], logprobs [B, V] per logprobs_mode).
+
+    "model": log_softmax of the raw logits. "sampled": of the processed distribution the token
+    came from; under greedy that is a point mass (0.0 at the token, -inf elsewhere)."""
     if params.temperature == 0:
         token = torch.argmax(logits, dim=-1)
-        sampled_logprobs = torch.zeros(token.shape, device=token.device)  # a point mass
+        if params.logprobs_mode != "sampled":
+            return token, torch.log_softmax(logits, dim=-1)
+        return token, torch.full_like(logits, float("-inf")).scatter(-1, token.view(-1, 1), 0.0)
+    processed = torch.log_softmax(
+        process_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1
+    )
+    token = torch.multinomial(processed.exp(), 1, generator=generator).view(-1)
+    if params.logprobs_mode == "sampled":
+        return token, processed
+    return token, torch.log_softmax(logits, dim=-1)
+
+
+def prompt_outputs(
+    logits: torch.Tensor, request: SampleRequest, generator: torch.Generator
+) -> SampleResponse:
+    """What a request asks about its prompt, from the prompt's logits [L, V]: the logprob of
+    each prompt token and the top-k at each position (None before `prompt_logprobs_last_n`
+    and at position 0), the logprobs of `target_prompt_logprobs`, and `prompt_alt_tokens_k`
+    draws per position."""
+    response = SampleResponse(sequences=[])
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)  # row i predicts prompt[i + 1]
+    length = len(request.prompt)
+    first = 1 if request.prompt_logprobs_last_n is None else length - request.prompt_logprobs_last_n
+    if request.include_prompt_logprobs:
+        prompt = torch.tensor(request.prompt, device=logits.device)
+        chosen = logprobs.gather(-1, prompt[1:].view(-1, 1)).view(-1).tolist()
+        response.prompt_logprobs = [None if i < first else chosen[i - 1] for i in range(length)]
+    if request.topk_prompt_logprobs:
+        rows = _topk_rows(logprobs, request.topk_prompt_logprobs)
+        response.topk_prompt_logprobs = [None if i < first else rows[i - 1] for i in range(length)]
+    if request.target_prompt_logprobs is not None:
+        response.target_prompt_logprobs = target_logprobs(logprobs, request.target_prompt_logprobs)
+    if request.prompt_alt_tokens_k:
+        response.prompt_alt_tokens = alt_tokens(
+            logits[:-1], request.params, request.prompt_alt_tokens_k, generator
+        )
+    return response
+
+
+def target_logprobs(logprobs: torch.Tensor, targets: tuple[tuple[int, ...], ...]) -> TensorData:
+    """Logprobs [P-1, V] at the dense target ids [P-1, K]; 0.0 where an id is -1."""
+    ids = torch.tensor(targets, dtype=torch.int64, device=logprobs.device).view(len(targets), -1)
+    values = logprobs.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, 0.0)
+    return TensorData.from_torch(values)
+
+
+def alt_tokens(
+    logits: torch.Tensor, params: Any, k: int, generator: torch.Generator
+) -> PromptAltTokens:
+    """k draws per row of logits [P-1, V], with replacement, after temperature, top-k and top-p;
+    their logprobs per `logprobs_mode`, as for sampled tokens."""
+    if logits.shape[0] == 0:
+        return PromptAltTokens(tokens=[], logprobs=[])
+    if params.temperature == 0:
+        draws = torch.argmax(logits, dim=-1, keepdim=True).expand(-1, k)
+        processed = torch.full_like(logits, float("-inf")).scatter(-1, draws[:, :1], 0.0)
     else:
         processed = torch.log_softmax(
             process_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1
         )
-        token = torch.multinomial(processed.exp(), 1, generator=generator).view(-1)
-        sampled_logprobs = processed.gather(-1, token.view(-1, 1)).view(-1)
-    if params.logprobs_mode == "sampled":
-        return token, sampled_logprobs
-    return token, torch.log_softmax(logits, dim=-1).gather(-1, token.view(-1, 1)).view(-1)
-
-
-def _prompt_logprobs(logits: torch.Tensor, request: SampleRequest) -> SampleResponse:
-    """Logprob of each prompt token given the ones before it (entry 0 is None), and top-k."""
-    prompt = torch.tensor(request.prompt, device=logits.device)
-    logprobs = torch.log_softmax(logits[:-1], dim=-1)  # row i predicts prompt[i + 1]
-    response = SampleResponse(sequences=[])
-    if request.include_prompt_logprobs:
-        chosen = logprobs.gather(-1, prompt[1:].view(-1, 1)).view(-1).tolist()
-        response.prompt_logprobs = [None, *chosen]
-    k = request.topk_prompt_logprobs
-    if k:
-        values, ids = torch.topk(logprobs, k, dim=-1)
-        rows = [
-            list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
-        ]
-        response.topk_prompt_logprobs = [None, *rows]
-    return response
+        draws = torch.multinomial(processed.exp(), k, replacement=True, generator=generator)
+    mode = processed if params.logprobs_mode == "sampled" else torch.log_softmax(logits, dim=-1)
+    return PromptAltTokens(tokens=draws.tolist(), logprobs=mode.gather(-1, draws).tolist())

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from rl.errors import InvalidRequestError
-from rl.types import SampledSequence, SampleResponse
+from rl.types import PromptAltTokens, SampledSequence, SampleResponse, TensorData
 from samplers.config import SamplerConfig
 from samplers.types import EngineFailedError, EngineInfo, FullWeights, SampleRequest
 
@@ -69,6 +69,7 @@ class _Part:
     part_id: str
     params: Any
     exclusive: bool
+    prompt: list[int] | None = None  # a probe's prefix; None: the request's prompt
 
 
 @dataclass
@@ -448,7 +449,7 @@ class VLLMEngine:
         try:
             self._engine.add_request(
                 part.part_id,
-                {"prompt_token_ids": add.request.prompt},
+                {"prompt_token_ids": part.prompt or add.request.prompt},
                 part.params,
                 lora_request=add.lora,
             )
@@ -542,17 +543,18 @@ def _engine_requests(request: SampleRequest, *, exclusive_scoring: bool) -> list
         stop=stop_strings or None,
         stop_token_ids=stop_ids or None,
         ignore_eos=stop == [],
-        logprobs=0,
+        logprobs=request.topk_sample_logprobs,
         prompt_logprobs=prompt_logprobs,
         flat_logprobs=True,
         detokenize=bool(stop_strings),  # token ids are the product; text only for stops
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
     sample_id = f"{request.request_id}:sample"
+    probes = probe_parts(request)
     if prompt_logprobs is None or not exclusive_scoring:
-        return [_Part(sample_id, sampling, exclusive=False)]
+        return [_Part(sample_id, sampling, exclusive=False), *probes]
     if n == 1:  # one request can do both, alone
-        return [_Part(sample_id, sampling, exclusive=True)]
+        return [_Part(sample_id, sampling, exclusive=True), *probes]
     scoring = VLLMSamplingParams(
         max_tokens=1,
         temperature=0.0,
@@ -565,7 +567,52 @@ def _engine_requests(request: SampleRequest, *, exclusive_scoring: bool) -> list
     return [
         _Part(sample_id, sampling, exclusive=False),
         _Part(f"{request.request_id}:score", scoring, exclusive=True),
+        *probes,
     ]
+
+
+def probe_parts(request: SampleRequest) -> list[_Part]:
+    """One-token requests on prefixes of the prompt, for what vLLM's prompt scoring does not
+    give: the logprobs of `target_prompt_logprobs` ids at a position (vLLM's per-request
+    `logprob_token_ids`, at most 128 a request), and `prompt_alt_tokens_k` draws there (vLLM's
+    own sampler, n = k). They batch like any generation; prefix caching serves the shared
+    prefixes."""
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS, RequestOutputKind
+
+    common: dict[str, Any] = {
+        "max_tokens": 1,
+        "detokenize": False,
+        "flat_logprobs": True,
+        "ignore_eos": True,
+        "output_kind": RequestOutputKind.FINAL_ONLY,
+    }
+    parts = []
+    for row, ids in enumerate(request.target_prompt_logprobs or ()):
+        wanted = sorted({i for i in ids if i >= 0})
+        for chunk in range(0, len(wanted), MAX_LOGPROB_TOKEN_IDS):
+            # temperature 1, no top-k/top-p: the processed logprobs are the model's own.
+            scoring = VLLMSamplingParams(
+                temperature=1.0,
+                logprob_token_ids=wanted[chunk : chunk + MAX_LOGPROB_TOKEN_IDS],
+                **common,
+            )
+            part_id = f"{request.request_id}:target:{row}:{chunk}"
+            parts.append(_Part(part_id, scoring, exclusive=False, prompt=request.prompt[: row + 1]))
+    k, params = request.prompt_alt_tokens_k, request.params
+    for row in range(len(request.prompt) - 1 if k else 0):
+        probe = VLLMSamplingParams(
+            n=1 if params.temperature == 0 else k,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else 0,
+            seed=None if params.seed is None else params.seed + row + 1,
+            logprobs=0,
+            **common,
+        )
+        part_id = f"{request.request_id}:alt:{row}"
+        parts.append(_Part(part_id, probe, exclusive=False, prompt=request.prompt[: row + 1]))
+    return parts
 
 
 def _to_response(request: SampleRequest, outputs: dict[str, Any]) -> SampleResponse:
@@ -573,6 +620,7 @@ def _to_response(request: SampleRequest, outputs: dict[str, Any]) -> SampleRespo
     completions = sorted(output.outputs, key=lambda c: c.index)
     if request.params.temperature == 0:
         completions = completions * request.num_samples
+    k = request.topk_sample_logprobs
     sequences = []
     for completion in completions:
         tokens = list(completion.token_ids)
@@ -581,20 +629,65 @@ def _to_response(request: SampleRequest, outputs: dict[str, Any]) -> SampleRespo
                 stop_reason="length" if completion.finish_reason == "length" else "stop",
                 tokens=tokens,
                 logprobs=_chosen_logprobs(completion.logprobs, tokens, offset=0),
+                topk_logprobs=list(_topk(completion.logprobs, k, 0, len(tokens))) if k else None,
             )
         )
     response = SampleResponse(sequences=sequences)
     if request.include_prompt_logprobs or request.topk_prompt_logprobs:
-        scored = outputs.get(f"{request.request_id}:score", output)
-        flat = scored.prompt_logprobs
-        if request.include_prompt_logprobs:
-            response.prompt_logprobs = [None, *_chosen_logprobs(flat, request.prompt, offset=1)]
-        if request.topk_prompt_logprobs:
-            response.topk_prompt_logprobs = [
-                None,
-                *_topk(flat, request.topk_prompt_logprobs, len(request.prompt)),
-            ]
+        _add_prompt_logprobs(response, request, outputs.get(f"{request.request_id}:score", output))
+    if request.target_prompt_logprobs is not None:
+        response.target_prompt_logprobs = _target_values(request, outputs)
+    if request.prompt_alt_tokens_k:
+        response.prompt_alt_tokens = _alt_tokens(request, outputs)
     return response
+
+
+def _add_prompt_logprobs(response: SampleResponse, request: SampleRequest, scored: Any) -> None:
+    """Prompt logprobs and top-k; None at position 0 and before `prompt_logprobs_last_n`
+    (vLLM scores the whole prompt; the prefix is left out)."""
+    flat, length = scored.prompt_logprobs, len(request.prompt)
+    last_n = request.prompt_logprobs_last_n
+    first = 1 if last_n is None else length - last_n
+    if request.include_prompt_logprobs:
+        chosen = _chosen_logprobs(flat, request.prompt, offset=1)
+        response.prompt_logprobs = [None if i < first else chosen[i - 1] for i in range(length)]
+    if request.topk_prompt_logprobs:
+        rows = _topk(flat, request.topk_prompt_logprobs, 1, length)
+        response.topk_prompt_logprobs = [None if i < first else rows[i - 1] for i in range(length)]
+
+
+def _target_values(request: SampleRequest, outputs: dict[str, Any]) -> TensorData:
+    """The [P-1, K] logprobs of the target ids, from the probes' `logprob_token_ids`."""
+    assert request.target_prompt_logprobs is not None
+    found: dict[int, dict[int, float]] = {}
+    prefix = f"{request.request_id}:target:"
+    for part_id, output in outputs.items():
+        if part_id.startswith(prefix):
+            flat = output.outputs[0].logprobs
+            row = found.setdefault(int(part_id[len(prefix) :].split(":")[0]), {})
+            row.update(zip(flat.token_ids, flat.logprobs, strict=True))
+    values = [
+        [found[r][i] if i >= 0 else 0.0 for i in ids]
+        for r, ids in enumerate(request.target_prompt_logprobs)
+    ]
+    width = len(request.target_prompt_logprobs[0]) if values else 0
+    return TensorData(
+        data=[v for row in values for v in row], dtype="float32", shape=[len(values), width]
+    )
+
+
+def _alt_tokens(request: SampleRequest, outputs: dict[str, Any]) -> PromptAltTokens:
+    """The draws of the `alt` probes, row by row (greedy: the one draw, k times)."""
+    k, tokens, logprobs = request.prompt_alt_tokens_k, [], []
+    for row in range(len(request.prompt) - 1):
+        completions = sorted(
+            outputs[f"{request.request_id}:alt:{row}"].outputs, key=lambda c: c.index
+        )
+        drawn = [c.token_ids[0] for c in completions]
+        values = [_chosen_logprobs(c.logprobs, list(c.token_ids), offset=0)[0] for c in completions]
+        tokens.append((drawn * k)[:k])
+        logprobs.append((values * k)[:k])
+    return PromptAltTokens(tokens=tokens, logprobs=logprobs)
 
 
 def _chosen_logprobs(flat: Any, tokens: list[int], offset: int) -> list[float]:
@@ -607,9 +700,10 @@ def _chosen_logprobs(flat: Any, tokens: list[int], offset: int) -> list[float]:
     return values
 
 
-def _topk(flat: Any, k: int, length: int) -> list[list[tuple[int, float]]]:
+def _topk(flat: Any, k: int, start: int, length: int) -> list[list[tuple[int, float]]]:
+    """The k best (token_id, logprob) pairs at positions start..length-1 of a FlatLogprobs."""
     rows = []
-    for position in range(1, length):
+    for position in range(start, length):
         start, end = flat.start_indices[position], flat.end_indices[position]
         entries = [
             (flat.ranks[i], flat.token_ids[i], flat.logprobs[i])

@@ -57,6 +57,15 @@ class SampleRequest:
     max_tokens: int  # resolved: never None here
     include_prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    """Top-k (token, logprob) pairs at every sampled position, in the sampled logprobs' mode."""
+    target_prompt_logprobs: tuple[tuple[int, ...], ...] | None = None
+    """Dense [len(prompt) - 1, K] token ids: row i asks for logprobs at prompt position i + 1;
+    -1 asks for nothing."""
+    prompt_alt_tokens_k: int = 0
+    """Draws per prompt position after the first, at the request's sampling settings."""
+    prompt_logprobs_last_n: int | None = None
+    """Prompt logprobs (and top-k) only for the last N prompt tokens; earlier ones are None."""
     weights: WeightsVersion = BASE
     owner: str = ""
     """Whose request it is, for the pool's fair turns (samplers/fair.py): the server names the

@@ -10,8 +10,10 @@ import math
 import uuid
 from typing import Any
 
+import numpy as np
+
 from rl.errors import InvalidRequestError
-from rl.types import ModelInput, SamplingParams
+from rl.types import ModelInput, SamplingParams, TensorData
 from samplers.types import BASE, EngineInfo, SampleRequest, WeightsVersion
 
 _INT64_MAX = 2**63 - 1
@@ -81,6 +83,10 @@ def build_request(
     *,
     include_prompt_logprobs: bool = False,
     topk_prompt_logprobs: int = 0,
+    topk_sample_logprobs: int = 0,
+    target_prompt_logprobs: Any = None,
+    prompt_alt_tokens_k: int = 0,
+    prompt_logprobs_last_n: int | None = None,
     weights: WeightsVersion = BASE,
 ) -> SampleRequest:
     """Validates one `sample` call; raises `InvalidRequestError` naming the bad field."""
@@ -113,11 +119,15 @@ def build_request(
         )
     else:
         max_tokens = params.max_tokens
-    if topk_prompt_logprobs < 0 or topk_prompt_logprobs > info.max_logprobs:
-        raise InvalidRequestError(
-            f"topk_prompt_logprobs={topk_prompt_logprobs} must be in [0, {info.max_logprobs}] "
-            "(SamplerConfig.max_logprobs)"
-        )
+    for name, k in (
+        ("topk_prompt_logprobs", topk_prompt_logprobs),
+        ("topk_sample_logprobs", topk_sample_logprobs),
+        ("prompt_alt_tokens_k", prompt_alt_tokens_k),
+    ):
+        check_count(name, k, info.max_logprobs)
+    scored = bool(include_prompt_logprobs) or bool(topk_prompt_logprobs)
+    check_last_n(prompt_logprobs_last_n, scored, len(tokens))
+    targets = target_rows(target_prompt_logprobs, len(tokens), info.vocab_size)
     return SampleRequest(
         request_id=uuid.uuid4().hex,
         prompt=tokens,
@@ -126,5 +136,70 @@ def build_request(
         max_tokens=max_tokens,
         include_prompt_logprobs=bool(include_prompt_logprobs),
         topk_prompt_logprobs=int(topk_prompt_logprobs),
+        topk_sample_logprobs=int(topk_sample_logprobs),
+        target_prompt_logprobs=targets,
+        prompt_alt_tokens_k=int(prompt_alt_tokens_k),
+        prompt_logprobs_last_n=prompt_logprobs_last_n,
         weights=weights,
     )
+
+
+def check_count(name: str, k: Any, limit: int) -> None:
+    """A per-position count (top-k, draws) is an int in [0, SamplerConfig.max_logprobs]."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= limit:
+        raise InvalidRequestError(
+            f"{name}={k!r} must be an int in [0, {limit}] (SamplerConfig.max_logprobs)"
+        )
+
+
+def check_last_n(last_n: Any, scored: bool, prompt_length: int) -> None:
+    if last_n is None:
+        return
+    if not scored:
+        raise InvalidRequestError(
+            "prompt_logprobs_last_n applies to prompt logprobs: set include_prompt_logprobs "
+            "or topk_prompt_logprobs"
+        )
+    if isinstance(last_n, bool) or not isinstance(last_n, int) or not 1 <= last_n < prompt_length:
+        raise InvalidRequestError(
+            f"prompt_logprobs_last_n={last_n!r} must be an int in [1, {prompt_length - 1}] "
+            f"(the prompt has {prompt_length} tokens)"
+        )
+
+
+def target_rows(
+    targets: Any, prompt_length: int, vocab_size: int
+) -> tuple[tuple[int, ...], ...] | None:
+    """`target_prompt_logprobs` (a TensorData, array or nested list of ints) as dense rows of
+    [len(prompt) - 1, K] token ids; -1 asks for nothing."""
+    if targets is None:
+        return None
+    if isinstance(targets, TensorData):
+        if targets.dtype != "int64":
+            raise InvalidRequestError(
+                f"target_prompt_logprobs must hold int64 token ids, got {targets.dtype}"
+            )
+        targets = targets.to_numpy(pad=-1)  # unlisted cells of a sparse one ask for nothing
+    try:
+        array = np.asarray(targets)
+    except ValueError:
+        raise InvalidRequestError(
+            "target_prompt_logprobs is ragged: every row needs K ids"
+        ) from None
+    if array.ndim != 2 or array.shape[0] != prompt_length - 1:
+        raise InvalidRequestError(
+            f"target_prompt_logprobs has shape {list(array.shape)}; it must be "
+            f"[len(prompt) - 1, K] = [{prompt_length - 1}, K]"
+        )
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise InvalidRequestError(
+            f"target_prompt_logprobs must hold integer token ids, got {array.dtype}"
+        )
+    bad = np.argwhere((array < -1) | (array >= vocab_size))
+    if len(bad):
+        row, col = (int(x) for x in bad[0])
+        raise InvalidRequestError(
+            f"target_prompt_logprobs[{row}][{col}]={int(array[row, col])} is outside the "
+            f"vocabulary [0, {vocab_size}) (-1 asks for nothing)"
+        )
+    return tuple(tuple(int(x) for x in row) for row in array.astype(np.int64))

@@ -4,6 +4,7 @@
 #   export TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-...
 #   bash scripts/cookbook.sh math_rl [key=value ...]   # RL on arithmetic (recipes/math_rl)
 #   bash scripts/cookbook.sh sl [key=value ...]        # supervised on a local conversations file
+#   bash scripts/cookbook.sh install                    # only set up .venv-cookbook
 #
 # The cookbook runs in an environment of its own, .venv-cookbook (tinker 0.38.0 and
 # tinker-cookbook 0.6.1, which moves transformers to a version the server does not use);
@@ -20,11 +21,13 @@ cd "$root"
 recipe="${1:-}"
 shift || true
 case "$recipe" in
-  math_rl|sl) ;;
-  *) echo "usage: bash scripts/cookbook.sh math_rl|sl [key=value ...]" >&2; exit 2 ;;
+  math_rl|sl|install) ;;
+  *) echo "usage: bash scripts/cookbook.sh math_rl|sl|install [key=value ...]" >&2; exit 2 ;;
 esac
-: "${TINKER_BASE_URL:?export TINKER_BASE_URL (python -m rl.server prints it)}"
-: "${TINKER_API_KEY:?export TINKER_API_KEY (python -m rl.server keys add NAME)}"
+if [[ "$recipe" != install ]]; then
+  : "${TINKER_BASE_URL:?export TINKER_BASE_URL (python -m rl.server prints it)}"
+  : "${TINKER_API_KEY:?export TINKER_API_KEY (python -m rl.server keys add NAME)}"
+fi
 
 venv="${COOKBOOK_VENV:-$root/.venv-cookbook}"
 stamp="$venv/.cookbook-installed"
@@ -52,6 +55,7 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$key" ]]; then
   rm -f "$log"
   echo "$key" >"$stamp"
 fi
+[[ "$recipe" == install ]] && exit 0
 
 model="${COOKBOOK_MODEL:-}"
 if [[ -z "$model" ]]; then

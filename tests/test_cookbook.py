@@ -119,3 +119,19 @@ def test_math_rl_and_supervised_recipes_run_unmodified(server, tiny_model, tmp_p
     checkpoints = rest.list_user_checkpoints().result().checkpoints
     assert any(c.checkpoint_id == "weights/final" for c in checkpoints)
     assert any(c.checkpoint_id == "sampler_weights/final" for c in checkpoints)
+
+
+def test_rl_loop_datums_train_through_the_sdk(server, tiny_model):
+    """recipes/rl_loop.py needs gsm8k from the hub; its datum construction (with the recipe's
+    own provenance helper) trains at stable_reinforce, gspo and importance_sampling."""
+    subprocess.run(["bash", "scripts/cookbook.sh", "install"], cwd=ROOT, check=True, timeout=1500)
+    url, key, _ = server
+    env = {**os.environ, "TINKER_BASE_URL": url, "TINKER_API_KEY": key, "TINKER_TELEMETRY": "0"}
+    result = subprocess.run(
+        [str(ROOT / ".venv-cookbook/bin/python"), "tests/cookbook_rl_loop.py", tiny_model],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["loss_fn"] for r in rows] == ["stable_reinforce", "gspo", "importance_sampling"]
+    assert all(r["finite"] and r["datums"] == 4 for r in rows), rows

@@ -177,3 +177,50 @@ def test_good_request_resolves_max_tokens():
     request = build_request(ModelInput.from_ints([1, 2, 3]), 2, SamplingParams(), INFO)
     assert request.max_tokens == 29
     assert request.prompt == [1, 2, 3]
+
+
+def test_sampling_surface_matches_the_model(engine, hf_model):
+    """topk_sample_logprobs, target_prompt_logprobs, prompt_alt_tokens_k and
+    prompt_logprobs_last_n, each against the model's own log-softmax."""
+    from surface_checks import (
+        check_prompt_alt_tokens,
+        check_prompt_logprobs_last_n,
+        check_target_prompt_logprobs,
+        check_topk_sample_logprobs,
+        target_ids,
+    )
+
+    def sample(prompt, num_samples, params, **options):
+        request = build_request(
+            prompt, num_samples, SamplingParams(**params), engine.info, **options
+        )
+        return asyncio.run(engine.sample(request))
+
+    def reference(tokens):
+        return model_logprobs(hf_model, tokens)
+
+    check_topk_sample_logprobs(sample, reference, PROMPT, 1e-5)
+    targets = target_ids(PROMPT, engine.info.vocab_size)
+    response = sample(PROMPT, 1, {"max_tokens": 1}, target_prompt_logprobs=targets)
+    assert response.target_prompt_logprobs.shape == [len(PROMPT) - 1, 3]
+    values = response.target_prompt_logprobs.tolist()
+    check_target_prompt_logprobs(values, targets, reference, PROMPT, 1e-5)
+    check_prompt_alt_tokens(sample, reference, PROMPT, 1e-5)
+    check_prompt_logprobs_last_n(sample, reference, PROMPT, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"topk_sample_logprobs": 21}, "topk_sample_logprobs=21 must be an int in \\[0, 20\\]"),
+        ({"prompt_alt_tokens_k": -1}, "prompt_alt_tokens_k=-1"),
+        ({"prompt_logprobs_last_n": 2}, "applies to prompt logprobs"),
+        ({"include_prompt_logprobs": True, "prompt_logprobs_last_n": 7}, "in \\[1, 6\\]"),
+        ({"target_prompt_logprobs": [[1, 2]] * 5}, "shape \\[5, 2\\].*\\[6, K\\]"),
+        ({"target_prompt_logprobs": [[1]] * 5 + [[10**9]]}, "target_prompt_logprobs\\[5\\]\\[0\\]"),
+        ({"target_prompt_logprobs": [[0.5]] * 6}, "integer token ids"),
+    ],
+)
+def test_sampling_surface_bad_input(engine, options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        build_request(PROMPT, 1, SamplingParams(max_tokens=1), engine.info, **options)

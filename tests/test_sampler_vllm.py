@@ -269,3 +269,51 @@ def test_merged_weights_are_swapped_into_the_packed_layers(vllm_tiny_model, adap
         assert plans == [None]
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_sampling_surface_matches_the_model(engine, adapters, vllm_tiny_model, with_adapter):
+    """topk_sample_logprobs, target_prompt_logprobs (probes with vLLM's logprob_token_ids),
+    prompt_alt_tokens_k (probes drawn by vLLM's sampler) and prompt_logprobs_last_n, against
+    the model's own log-softmax: the base model's, or a LoRA adapter's (probes batch with the
+    adapter's mapping)."""
+    from surface_checks import (
+        check_prompt_alt_tokens,
+        check_prompt_logprobs_last_n,
+        check_target_prompt_logprobs,
+        check_topk_sample_logprobs,
+        target_ids,
+    )
+
+    if with_adapter:
+        path, model = adapters[0]
+        engine.load_adapter(1, path)
+        weights = WeightsVersion("adapter", "m1", 1)
+    else:
+        path, weights = None, None
+        model = AutoModelForCausalLM.from_pretrained(vllm_tiny_model, dtype=torch.float32).eval()
+
+    def sample(prompt, num_samples, params, **options):
+        request = build_request(
+            prompt, num_samples, SamplingParams(**params), engine.info, **options
+        )
+        if weights is not None:
+            request = SampleRequest(**{**request.__dict__, "weights": weights})
+        return asyncio.run(engine.sample(request, path))
+
+    def reference(tokens):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens])).logits[0, :-1].float()
+        return torch.log_softmax(logits, dim=-1)
+
+    try:
+        check_topk_sample_logprobs(sample, reference, SEQUENCE, 1e-4)
+        targets = target_ids(SEQUENCE, engine.info.vocab_size)
+        response = sample(SEQUENCE, 1, {"max_tokens": 1}, target_prompt_logprobs=targets)
+        values = response.target_prompt_logprobs.tolist()
+        check_target_prompt_logprobs(values, targets, reference, SEQUENCE, 1e-4)
+        check_prompt_alt_tokens(sample, reference, SEQUENCE, 1e-4)
+        check_prompt_logprobs_last_n(sample, reference, SEQUENCE, 1e-4)
+    finally:
+        if with_adapter:
+            engine.unload_adapter(1)

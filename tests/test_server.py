@@ -662,3 +662,78 @@ def test_legacy_load_state_and_get_sampler(server_env, alice, tiny_model):
     sampler = source.save_weights_and_get_sampling_client().result()
     record = rest_alice(server_env).get_sampler(sampler._sampling_session_id).result()
     assert record.base_model == tiny_model
+
+
+def test_sampling_surface_through_the_sdk(server_env, alice, tiny_model):
+    """SDK 0.38's sampling options on a trained adapter, each number equal to the trainer's
+    own logprob of the same token at the same position (one batched `forward`)."""
+    import torch
+
+    client = alice.create_lora_training_client(tiny_model, rank=4, seed=9).result()
+    client.forward_backward(datums(9), "cross_entropy")
+    client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    sampler = client.save_weights_and_get_sampling_client().result()
+    prompt_ids = [1, 504, 3458, 314, 4649, 314]
+    prompt = types.ModelInput.from_ints(prompt_ids)
+
+    def trainer_logprobs(queries: list[tuple[list[int], int]]) -> list[float]:
+        """The trainer's logprob of `token` right after `prefix`, per query."""
+        data = [
+            types.Datum(
+                model_input=types.ModelInput.from_ints(prefix),
+                loss_fn_inputs={
+                    "target_tokens": [*prefix[1:], token],
+                    "weights": [0.0] * (len(prefix) - 1) + [1.0],
+                },
+            )
+            for prefix, token in queries
+        ]
+        out = client.forward(data, "cross_entropy").result().loss_fn_outputs
+        return [float(o["logprobs"].tolist()[-1]) for o in out]
+
+    params = types.SamplingParams(max_tokens=3, temperature=1.0, seed=2)
+    response = sampler.sample(prompt, 2, params, topk_sample_logprobs=3).result()
+    queries, reported = [], []
+    for sequence in response.sequences:
+        assert len(sequence.topk_logprobs) == len(sequence.tokens)
+        full = prompt_ids + sequence.tokens
+        for j, top in enumerate(sequence.topk_logprobs):
+            assert len(top) == 3
+            queries += [(full[: len(prompt_ids) + j], token) for token, _ in top]
+            reported += [logprob for _, logprob in top]
+    assert reported == pytest.approx(trainer_logprobs(queries), abs=1e-3)
+
+    # target_prompt_logprobs, sparse as the cookbook's decisions recipe sends it, and dense.
+    ids = torch.full((len(prompt_ids) - 1, 2), -1, dtype=torch.int64)
+    ids[3] = torch.tensor([7, 11])
+    ids[1, 0] = prompt_ids[2]
+    for targets in (types.TensorData.from_torch_sparse(ids, pad_value=-1),
+                    types.TensorData.from_torch(ids)):  # fmt: skip
+        got = sampler.sample(prompt, 1, params, target_prompt_logprobs=targets).result()
+        values = got.target_prompt_logprobs.to_torch()
+        assert list(values.shape) == [len(prompt_ids) - 1, 2]
+        assert (got.target_prompt_logprobs.sparse_crow_indices is None) == (
+            targets.sparse_crow_indices is None
+        )
+        cells = [(int(r), int(c)) for r, c in (ids >= 0).nonzero()]
+        expected = trainer_logprobs([(prompt_ids[: r + 1], int(ids[r, c])) for r, c in cells])
+        assert [values[r, c].item() for r, c in cells] == pytest.approx(expected, abs=1e-3)
+        assert values[ids < 0].abs().max().item() == 0.0
+
+    alt = sampler.sample(prompt, 1, params, prompt_alt_tokens_k=3).result().prompt_alt_tokens
+    tokens, logprobs = alt.tokens.to_torch(), alt.logprobs.to_torch()
+    assert list(tokens.shape) == list(logprobs.shape) == [len(prompt_ids) - 1, 3]
+    queries = [(prompt_ids[: i + 1], int(t)) for i in range(len(prompt_ids) - 1) for t in tokens[i]]
+    assert logprobs.reshape(-1).tolist() == pytest.approx(trainer_logprobs(queries), abs=1e-3)
+
+    last = sampler.sample(
+        prompt, 1, params, include_prompt_logprobs=True, prompt_logprobs_last_n=2
+    ).result()
+    assert last.prompt_logprobs[:-2] == [None] * (len(prompt_ids) - 2)
+    expected = trainer_logprobs([(prompt_ids[:i], prompt_ids[i]) for i in (4, 5)])
+    assert last.prompt_logprobs[-2:] == pytest.approx(expected, abs=1e-3)
+
+    with pytest.raises(tinker.RequestFailedError, match="prompt_logprobs_last_n=6"):
+        sampler.sample(
+            prompt, 1, params, include_prompt_logprobs=True, prompt_logprobs_last_n=6
+        ).result()

@@ -153,3 +153,25 @@ def test_the_public_client_methods_are_typed():
             assert not untyped, f"{cls.__name__}.{name}: {untyped} typed Any"
             params = [p for p in inspect.signature(member).parameters if p != "self"]
             assert set(params) <= set(hints), f"{cls.__name__}.{name} has unannotated parameters"
+
+
+def test_sparse_tensor_data_reads_dense_and_keeps_its_layout():
+    import numpy as np
+
+    from rl.types import TensorData
+
+    sparse = TensorData(
+        data=[7, 11, 3], dtype="int64", shape=[3, 2],
+        sparse_crow_indices=[0, 0, 2, 3], sparse_col_indices=[0, 1, 1],
+    )  # fmt: skip
+    assert sparse.cells() == [(1, 0), (1, 1), (2, 1)]
+    assert sparse.to_numpy(pad=-1).tolist() == [[-1, -1], [7, 11], [-1, 3]]
+    assert sparse.to_numpy().tolist() == [[0, 0], [7, 11], [0, 3]]
+    values = np.arange(6, dtype=np.float32).reshape(3, 2)
+    answer = sparse.with_values_of(values)
+    assert answer.dtype == "float32" and answer.data == [2.0, 3.0, 5.0]
+    assert answer.sparse_col_indices == [0, 1, 1]
+    for crow, col in (([0, 1, 2], [0, 1]), ([0, 2, 1, 3], [0, 1, 1]), ([0, 0, 2, 3], [0, 2, 1])):
+        with pytest.raises(ValueError, match="crow_indices"):
+            TensorData(data=[1, 2, 3][: len(col)], dtype="int64", shape=[3, 2],
+                       sparse_crow_indices=crow, sparse_col_indices=col)  # fmt: skip

@@ -31,7 +31,7 @@ from rl.client.pools import AdapterBackup, SamplerPools
 from rl.errors import CheckpointError, InvalidRequestError
 from rl.futures import APIFuture, chain, unwrap_ray_error
 from rl.models import load_tokenizer, resolve_model
-from rl.types import ModelInput, SampleResponse, SamplingParams
+from rl.types import ModelInput, SampleResponse, SamplingParams, TensorData
 from samplers.pool import SamplerPool, submit
 from samplers.types import BASE, WeightsVersion
 from samplers.validation import build_request
@@ -63,9 +63,21 @@ class SamplingClient:
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
         *,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: TensorData | list[list[int]] | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
         owner: str = "",
     ) -> APIFuture[SampleResponse]:
         """`num_samples` completions of `prompt`. Bad input raises InvalidRequestError here.
+
+        Beyond the sampled tokens and their logprobs, a request may ask for: the prompt's
+        logprobs (`include_prompt_logprobs`) and top-k (`topk_prompt_logprobs`), both only
+        for the last `prompt_logprobs_last_n` prompt tokens if set; the top-k at each sampled
+        token (`topk_sample_logprobs`); the logprobs of chosen ids at chosen prompt positions
+        (`target_prompt_logprobs`, [len(prompt) - 1, K] ids, row i at position i + 1, -1 or an
+        unlisted sparse cell for none; the answer has the same shape and layout); and
+        `prompt_alt_tokens_k` draws at every prompt position after the first.
         `owner` names whose turn the request takes in the pool's fair queue (the server passes
         the tenant); by default, the sampled model's."""
         assert self.pool.info is not None
@@ -76,13 +88,22 @@ class SamplingClient:
             self.pool.info,
             include_prompt_logprobs=include_prompt_logprobs,
             topk_prompt_logprobs=topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+            target_prompt_logprobs=target_prompt_logprobs,
+            prompt_alt_tokens_k=prompt_alt_tokens_k,
+            prompt_logprobs_last_n=prompt_logprobs_last_n,
             weights=self.weights,
         )
         if owner:
             request = dataclasses.replace(request, owner=owner)
         if self.backup is not None:
-            return APIFuture(submit(self.backup.sample(self.pool, request)))
-        return APIFuture(submit(self.pool.sample(request)))
+            future = submit(self.backup.sample(self.pool, request))
+        else:
+            future = submit(self.pool.sample(request))
+        if isinstance(target_prompt_logprobs, TensorData) and target_prompt_logprobs.is_sparse:
+            layout = target_prompt_logprobs
+            future = chain(future, lambda response: _in_layout(response, layout))
+        return APIFuture(future)
 
     async def sample_async(
         self,
@@ -91,9 +112,22 @@ class SamplingClient:
         sampling_params: SamplingParams | None = None,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        *,
+        topk_sample_logprobs: int = 0,
+        target_prompt_logprobs: TensorData | list[list[int]] | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
     ) -> SampleResponse:
         return await self.sample(
-            prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            topk_sample_logprobs=topk_sample_logprobs,
+            target_prompt_logprobs=target_prompt_logprobs,
+            prompt_alt_tokens_k=prompt_alt_tokens_k,
+            prompt_logprobs_last_n=prompt_logprobs_last_n,
         )
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
@@ -149,6 +183,14 @@ def create_sampling_client(
             ) from None
         pool.path_versions[path] = weights
     return SamplingClient(pool, weights, base)
+
+
+def _in_layout(response: SampleResponse, layout: TensorData) -> SampleResponse:
+    """The answer to a sparse `target_prompt_logprobs` in the request's sparse layout."""
+    if response.target_prompt_logprobs is None:
+        return response
+    dense = response.target_prompt_logprobs.to_numpy()
+    return response.model_copy(update={"target_prompt_logprobs": layout.with_values_of(dense)})
 
 
 def pool_tokenizer(pool: SamplerPool) -> PreTrainedTokenizerBase:

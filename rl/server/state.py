@@ -41,7 +41,7 @@ from rl.server.limits import InflightGate, check_models
 from rl.server.metrics import ServerMetrics, metered
 from rl.server.provenance import SequenceStore, record_sample, resolve, sequence_ids, session_of
 from rl.server.store import RunRecord, RunStore, tinker_path
-from rl.server.wire import ForwardBackwardCall, model_input, sampling_params
+from rl.server.wire import ForwardBackwardCall, model_input, sampling_params, tensor_data
 from rl.types import AdamParams, SampleResponse
 
 logger = logging.getLogger("rl.server")
@@ -607,13 +607,17 @@ class ServerState:
         result: concurrent.futures.Future = concurrent.futures.Future()
         request_id = self.futures.add(tenant, result, "sample")
         try:
-            _check_sample_options(request)
+            targets = request.target_prompt_logprobs
             future = sampler.client.sample(
                 model_input(request.prompt),
                 request.num_samples,
                 sampling_params(request.sampling_params),
                 include_prompt_logprobs=bool(request.prompt_logprobs),
                 topk_prompt_logprobs=request.topk_prompt_logprobs,
+                topk_sample_logprobs=request.topk_sample_logprobs,
+                target_prompt_logprobs=None if targets is None else tensor_data(targets),
+                prompt_alt_tokens_k=request.prompt_alt_tokens_k,
+                prompt_logprobs_last_n=request.prompt_logprobs_last_n,
                 owner=tenant,
             ).future()
             if request.record_stability_info:  # recorded before the client can see the result
@@ -651,18 +655,6 @@ class ServerState:
 
     def sampling_busy(self) -> bool:
         return self.futures.inflight("sample") >= self.config.max_inflight_samples
-
-
-def _check_sample_options(request: tt.SampleRequest) -> None:
-    unsupported = {
-        "topk_sample_logprobs": request.topk_sample_logprobs,
-        "target_prompt_logprobs": request.target_prompt_logprobs is not None,
-        "prompt_alt_tokens_k": request.prompt_alt_tokens_k,
-        "prompt_logprobs_last_n": request.prompt_logprobs_last_n is not None,
-    }
-    asked = [name for name, value in unsupported.items() if value]
-    if asked:
-        raise InvalidRequestError(f"this server does not support {', '.join(asked)} yet")
 
 
 __all__ = ["Model", "Sampler", "ServerState", "Session", "tinker_path"]

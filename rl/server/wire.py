@@ -290,12 +290,43 @@ def encode_sample_response(response: SampleResponse) -> bytes:
         )
         if sequence.logprobs is not None:
             out.logprobs = np.asarray(sequence.logprobs, dtype="<f4").tobytes()
+        if sequence.topk_logprobs is not None:
+            _encode_topk(out.topk_sampled_logprobs, sequence.topk_logprobs)
     if response.prompt_logprobs is not None:
         values = [math.nan if lp is None else lp for lp in response.prompt_logprobs]
         message.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
     if response.topk_prompt_logprobs is not None:
         _encode_topk(message.topk_prompt_logprobs, response.topk_prompt_logprobs)
+    if response.target_prompt_logprobs is not None:
+        _encode_tensor(message.target_prompt_logprobs, response.target_prompt_logprobs)
+    if response.prompt_alt_tokens is not None:
+        alt = response.prompt_alt_tokens
+        k = len(alt.tokens[0]) if alt.tokens else 0
+        _encode_tensor(
+            message.prompt_alt_tokens.tokens,
+            TensorData(data=[t for row in alt.tokens for t in row], dtype="int64",
+                       shape=[len(alt.tokens), k]),
+        )  # fmt: skip
+        _encode_tensor(
+            message.prompt_alt_tokens.logprobs,
+            TensorData(data=[v for row in alt.logprobs for v in row], dtype="float32",
+                       shape=[len(alt.logprobs), k]),
+        )  # fmt: skip
     return message.SerializeToString()
+
+
+def _encode_tensor(message: Any, tensor: TensorData) -> None:
+    """A public `Tensor`: dense bytes, or sparse CSR with int64 indices (the SDK's codec)."""
+    dtype = "<i8" if tensor.dtype == "int64" else "<f4"
+    message.dtype = pb.DTYPE_INT64 if tensor.dtype == "int64" else pb.DTYPE_FLOAT32
+    message.shape.extend(tensor.shape or [len(tensor.data)])
+    values = np.asarray(tensor.data, dtype=dtype).tobytes()
+    if tensor.is_sparse:
+        message.sparse_csr.values = values
+        message.sparse_csr.crow_indices = np.asarray(tensor.sparse_crow_indices, "<i8").tobytes()
+        message.sparse_csr.col_indices = np.asarray(tensor.sparse_col_indices, "<i8").tobytes()
+    else:
+        message.dense = values
 
 
 def _encode_topk(message: Any, rows: list[list[tuple[int, float]] | None]) -> None:
@@ -327,6 +358,20 @@ def model_input(value: TinkerModelInput) -> ModelInput:
     return ModelInput.from_ints(tokens)
 
 
+def tensor_data(value: Any) -> TensorData:
+    """A Tinker `TensorData` JSON body (dense or sparse CSR) as ours."""
+    try:
+        return TensorData(
+            data=list(value.data),
+            dtype=value.dtype,
+            shape=list(value.shape) if value.shape is not None else None,
+            sparse_crow_indices=value.sparse_crow_indices,
+            sparse_col_indices=value.sparse_col_indices,
+        )
+    except ValueError as e:
+        raise InvalidRequestError(f"target_prompt_logprobs: {e}") from None
+
+
 def sampling_params(value: TinkerSamplingParams) -> SamplingParams:
     try:
         return SamplingParams(
@@ -349,4 +394,5 @@ __all__ = [
     "encode_sample_response",
     "model_input",
     "sampling_params",
+    "tensor_data",
 ]
