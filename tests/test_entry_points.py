@@ -21,6 +21,7 @@ def test_the_expected_scripts_are_declared():
         "engineroom-sft",
         "engineroom-plot",
         "engineroom-serve",
+        "engineroom-export",
     }
 
 
@@ -37,6 +38,7 @@ def test_script_reads_sys_argv(name, monkeypatch, capsys):
         "engineroom-sft": "log_dir=",
         "engineroom-plot": "RUN_DIR",
         "engineroom-serve": "--port",
+        "engineroom-export": "source=",
     }
     assert expected[name] in capsys.readouterr().out
 
