@@ -11,7 +11,10 @@ one module per concern: sessions, training, sampling, futures, runs, metrics), `
 per session), `lifecycle.py` (sessions ended when their heartbeats stop), `limits.py`
 (per-tenant caps), `metrics.py` (`GET /metrics`), `futures.py`
 (request futures, seq_id ordering), `store.py` (durable runs and checkpoints, storage caps),
-`wire.py` (protobuf and JSON <-> engineroom records), `keys.py` (API keys), `config.py`.
+`wire.py` (protobuf and JSON <-> engineroom records), `keys.py` (API keys), `config.py`;
+the OpenAI and Anthropic doors: `chat.py` (chat templates, text, tool calls, server-sent
+events), `openai_compat.py`, `anthropic_compat.py` (each API's bodies), `inference.py`
+(which weights a `model` names, one sampling client per tenant and model).
 The training and sampling are the in-process client API's (`rl.ServiceClient`): the server
 adds names, order, tenancy and the wire, not a second trainer or sampler.
 """

@@ -27,7 +27,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rl.errors import CheckpointError, InvalidRequestError, NotFoundError
 from rl.server.keys import KeyStore
 from rl.server.metrics import RequestTimer
-from rl.server.routes import futures, metrics, refused, runs, sampling, sessions, training
+from rl.server.routes import (
+    anthropic,
+    futures,
+    metrics,
+    openai,
+    refused,
+    runs,
+    sampling,
+    sessions,
+    training,
+)
 from rl.server.routes.common import UnauthorizedError
 from rl.server.state import ServerState
 from rl.server.wire import WireError
@@ -92,6 +102,9 @@ def create_app(state: ServerState, keys: KeyStore) -> FastAPI:
     for routes in (sessions, training, refused, sampling, futures, runs):
         app.include_router(routes.router, prefix=PREFIX)
     app.include_router(metrics.router)  # GET /metrics, where Prometheus looks
+    # OpenAI- and Anthropic-compatible doors, at Tinker's paths
+    app.include_router(openai.router, prefix="/oai/api/v1")
+    app.include_router(anthropic.router, prefix="/anthropic/api/v1")
     return app
 
 

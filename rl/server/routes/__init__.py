@@ -11,4 +11,8 @@ mounts each under `/api/v1`. Handlers read the `ServerState` and the `KeyStore` 
     futures.py    `retrieve_future`: the long poll that answers every future
     runs.py       the REST side: training runs, checkpoints (list, delete, TTL), weights info
     metrics.py    `GET /metrics` (at the root, not under `/api/v1`): Prometheus text
+    openai.py     the OpenAI door, under `/oai/api/v1`: chat completions, completions, models
+    anthropic.py  the Anthropic door, under `/anthropic/api/v1`: messages, count_tokens
+    door.py       what both doors share: the key from `x-api-key` or `Authorization: Bearer`,
+                  errors in each API's own shape
 """
