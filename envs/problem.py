@@ -141,7 +141,8 @@ class ProblemDataset:
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         picked = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-        return [
-            ProblemGroupBuilder(self.renderer, self.task, self.problems[i], self.group_size)
-            for i in picked
-        ]
+        return [self.make_builder(self.problems[i]) for i in picked]
+
+    def make_builder(self, problem: Problem) -> EnvGroupBuilder:
+        """The group builder of one problem (a subclass may play problems its own way)."""
+        return ProblemGroupBuilder(self.renderer, self.task, problem, self.group_size)
