@@ -261,3 +261,27 @@ def test_optim_step_without_gradient_is_an_error(trainer):
     train_steps(trainer, model_id, 1)
     with pytest.raises(InvalidRequestError, match="no gradient accumulated"):
         trainer.optim_step(model_id, LR)
+
+
+def test_checkpoint_of_another_lora_alpha_is_rejected(trainer, tmp_path):
+    """The same weights scale by lora_alpha / rank: a checkpoint written at another alpha
+    (e.g. an adapter imported from elsewhere for another trainer config) would silently give
+    other outputs, so it is refused and nothing changes."""
+    import json
+    import shutil
+
+    model_id = new_adapter(trainer, seed=5)
+    train_steps(trainer, model_id, 1)
+    path = Path(trainer.save_state(model_id, "alpha").path)
+    other = tmp_path / "other-alpha"
+    shutil.copytree(path, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["lora_alpha"] * 2
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    before = logprobs(trainer, model_id, batch(61))
+    with pytest.raises(CheckpointError, match="lora_alpha="):
+        trainer.load_state(model_id, str(other), with_optimizer=True)
+    with pytest.raises(CheckpointError, match="lora_alpha="):
+        trainer.create_adapter_from_state("never-alpha", str(other), with_optimizer=False)
+    assert torch.equal(logprobs(trainer, model_id, batch(61))[0], before[0])
+    assert "never-alpha" not in trainer._adapters

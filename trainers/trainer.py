@@ -491,6 +491,12 @@ class LoraTrainer:
                 f"checkpoint {path!r} has LoRA config {checkpoint.meta.lora_config} but "
                 f"{model_id!r} has {adapter.lora_config}"
             )
+        alpha = checkpoint.adapter_config.get("lora_alpha", self.config.lora_alpha)
+        if alpha != self.config.lora_alpha:  # the same weights would scale differently here
+            raise CheckpointError(
+                f"checkpoint {path!r} was trained with lora_alpha={alpha}, but this trainer "
+                f"runs lora_alpha={self.config.lora_alpha} (TrainerConfig.lora_alpha)"
+            )
         current = lora.adapter_state_dict(self._peft_model(), adapter.name)
         shapes = {k: tuple(v.shape) for k, v in current.items()}
         loaded = {k: tuple(v.shape) for k, v in checkpoint.weights.items()}
