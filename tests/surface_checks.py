@@ -32,7 +32,12 @@ def check_topk_sample_logprobs(
             assert len(top) == 3
             third = torch.topk(row, 3).values[-1].item()
             for token, logprob in top:
-                assert logprob == pytest.approx(row[token].item(), abs=tol)
+                assert logprob == pytest.approx(row[token].item(), abs=tol), (
+                    j,
+                    token,
+                    logprob,
+                    row[token].item(),
+                )
                 assert logprob >= third - tol  # among the three best
             assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
 

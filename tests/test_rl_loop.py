@@ -101,6 +101,62 @@ def test_kl_penalty_and_substeps(torch_service, tiny_model, tmp_path):
     assert abs(second["kl/sampler_base"]) > 1e-6
 
 
+def test_lr_schedule_and_dynamic_sampling_in_a_run(torch_service, tiny_model, tmp_path):
+    args = tiny_args(
+        tiny_model,
+        tmp_path,
+        num_steps=2,
+        lr_schedule="linear",
+        remove_constant_groups=True,
+        dynamic_sampling_rounds=2,
+        dynamic_sampling_min_groups=3,
+    )
+    trainer = main(args, service=torch_service)
+    assert [s["optim/lr"] for s in trainer.history] == pytest.approx([1e-2, 0.5e-2])
+    for step in trainer.history:
+        rounds, informative = step["dynamic/rounds"], step["train/informative_groups"]
+        assert step["dynamic/sampled_groups"] == 3 * (1 + rounds)
+        assert step["env/num_groups"] == 3  # env/ metrics: the step's own groups
+        assert step["optim/num_datums"] == 4 * informative  # only groups with a signal train
+        assert informative <= 3  # never more than groups_per_batch
+        assert rounds == 2 or informative == 3  # it stops once the batch has enough
+
+
+def always_one(reply: str, answer: str = "") -> float:
+    return 1.0
+
+
+def same_reward_datasets(renderer, batch_size: int, group_size: int, seed: int = 0):
+    """Every reply scores 1: every group is constant (a run's `env=test_rl_loop:...`)."""
+    from envs.problem import ProblemDataset, ProblemTask
+    from examples.custom_env import make_problems
+
+    task = ProblemTask("same", check_answer=always_one, check_format=always_one, format_coef=0)
+    train = ProblemDataset(
+        make_problems(10 * batch_size, seed), task, renderer, batch_size, group_size, seed
+    )
+    test = ProblemDataset(make_problems(2, seed + 1), task, renderer, 2, 1, shuffle=False)
+    return train, test
+
+
+def test_dynamic_sampling_stops_after_its_rounds(torch_service, tiny_model, tmp_path):
+    args = tiny_args(
+        tiny_model,
+        tmp_path,
+        num_steps=1,
+        env="test_rl_loop:same_reward_datasets",
+        env_args="",
+        remove_constant_groups=True,
+        dynamic_sampling_rounds=2,
+    )
+    (step,) = main(args, service=torch_service).history
+    assert step["dynamic/rounds"] == 2  # no round found a group with a signal
+    assert step["dynamic/sampled_groups"] == 9
+    assert step["dynamic/added_groups"] == 0
+    assert step["env/num_groups"] == 3
+    assert step["optim/num_datums"] == 0  # nothing to train: no optimizer step
+
+
 def test_custom_env_example_runs(torch_service, tiny_model, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     import custom_env

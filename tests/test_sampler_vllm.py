@@ -135,6 +135,54 @@ def test_prompt_logprobs_match_forward(engine, vllm_tiny_model):
     assert hot.logprobs == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_sampling_surface_matches_the_model(engine, adapters, vllm_tiny_model, with_adapter):
+    """topk_sample_logprobs, target_prompt_logprobs (probes with vLLM's logprob_token_ids),
+    prompt_alt_tokens_k (probes drawn by vLLM's sampler) and prompt_logprobs_last_n, against
+    the model's own log-softmax: the base model's, or a LoRA adapter's (probes batch with the
+    adapter's mapping)."""
+    from surface_checks import (
+        check_prompt_alt_tokens,
+        check_prompt_logprobs_last_n,
+        check_target_prompt_logprobs,
+        check_topk_sample_logprobs,
+        target_ids,
+    )
+
+    if with_adapter:
+        path, model = adapters[0]
+        engine.load_adapter(1, path)
+        weights = WeightsVersion("adapter", "m1", 1)
+    else:
+        path, weights = None, None
+        model = AutoModelForCausalLM.from_pretrained(vllm_tiny_model, dtype=torch.float32).eval()
+
+    def sample(prompt, num_samples, params, **options):
+        request = build_request(
+            prompt, num_samples, SamplingParams(**params), engine.info, **options
+        )
+        if weights is not None:
+            request = SampleRequest(**{**request.__dict__, "weights": weights})
+        return asyncio.run(engine.sample(request, path))
+
+    def reference(tokens):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens])).logits[0, :-1].float()
+        return torch.log_softmax(logits, dim=-1)
+
+    try:
+        check_topk_sample_logprobs(sample, reference, SEQUENCE, 1e-4)
+        targets = target_ids(SEQUENCE, engine.info.vocab_size)
+        response = sample(SEQUENCE, 1, {"max_tokens": 1}, target_prompt_logprobs=targets)
+        values = response.target_prompt_logprobs.tolist()
+        check_target_prompt_logprobs(values, targets, reference, SEQUENCE, 1e-4)
+        check_prompt_alt_tokens(sample, reference, SEQUENCE, 1e-4)
+        check_prompt_logprobs_last_n(sample, reference, SEQUENCE, 1e-4)
+    finally:
+        if with_adapter:
+            engine.unload_adapter(1)
+
+
 def test_two_adapters_at_once(engine, adapters):
     for version, (path, _) in enumerate(adapters, start=1):
         engine.load_adapter(version, path)
@@ -161,6 +209,30 @@ def test_two_adapters_at_once(engine, adapters):
     engine.unload_adapter(2)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: after adapters were loaded and removed, base-model sampled logprobs on a "
+    "LoRA engine differ from the model's (by ~3 nats at the first sampled token)",
+)
+def test_base_logprobs_after_adapters_were_used(engine, vllm_tiny_model):
+    from surface_checks import check_topk_sample_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(vllm_tiny_model, dtype=torch.float32).eval()
+
+    def sample_base(prompt, num_samples, params, **options):
+        request = build_request(
+            prompt, num_samples, SamplingParams(**params), engine.info, **options
+        )
+        return asyncio.run(engine.sample(request))
+
+    def reference(tokens):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens])).logits[0, :-1].float()
+        return torch.log_softmax(logits, dim=-1)
+
+    check_topk_sample_logprobs(sample_base, reference, SEQUENCE, 1e-4)
+
+
 def test_the_cpu_engine_compiles_nothing(engine):
     """vLLM's sampler compiles a helper on an engine's first logprobs request even in eager
     mode (2.3-2.5 s of the first sync on CPU); an eager CPU engine runs it uncompiled."""
@@ -176,6 +248,10 @@ def test_engine_rejects_bad_request_and_keeps_serving(engine):
     with pytest.raises(InvalidRequestError, match="rejected"):
         asyncio.run(engine.sample(bad))
     assert len(sample(engine, max_tokens=3).sequences[0].tokens) == 3
+
+
+# Tests that start engines of their own come last: a second engine in the process tears down
+# vLLM's parallel groups, which the module's engine needs.
 
 
 def test_engine_without_lora_sampled_logprobs(vllm_tiny_model):
@@ -269,51 +345,3 @@ def test_merged_weights_are_swapped_into_the_packed_layers(vllm_tiny_model, adap
         assert plans == [None]
     finally:
         engine.shutdown()
-
-
-@pytest.mark.parametrize("with_adapter", [False, True])
-def test_sampling_surface_matches_the_model(engine, adapters, vllm_tiny_model, with_adapter):
-    """topk_sample_logprobs, target_prompt_logprobs (probes with vLLM's logprob_token_ids),
-    prompt_alt_tokens_k (probes drawn by vLLM's sampler) and prompt_logprobs_last_n, against
-    the model's own log-softmax: the base model's, or a LoRA adapter's (probes batch with the
-    adapter's mapping)."""
-    from surface_checks import (
-        check_prompt_alt_tokens,
-        check_prompt_logprobs_last_n,
-        check_target_prompt_logprobs,
-        check_topk_sample_logprobs,
-        target_ids,
-    )
-
-    if with_adapter:
-        path, model = adapters[0]
-        engine.load_adapter(1, path)
-        weights = WeightsVersion("adapter", "m1", 1)
-    else:
-        path, weights = None, None
-        model = AutoModelForCausalLM.from_pretrained(vllm_tiny_model, dtype=torch.float32).eval()
-
-    def sample(prompt, num_samples, params, **options):
-        request = build_request(
-            prompt, num_samples, SamplingParams(**params), engine.info, **options
-        )
-        if weights is not None:
-            request = SampleRequest(**{**request.__dict__, "weights": weights})
-        return asyncio.run(engine.sample(request, path))
-
-    def reference(tokens):
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([tokens])).logits[0, :-1].float()
-        return torch.log_softmax(logits, dim=-1)
-
-    try:
-        check_topk_sample_logprobs(sample, reference, SEQUENCE, 1e-4)
-        targets = target_ids(SEQUENCE, engine.info.vocab_size)
-        response = sample(SEQUENCE, 1, {"max_tokens": 1}, target_prompt_logprobs=targets)
-        values = response.target_prompt_logprobs.tolist()
-        check_target_prompt_logprobs(values, targets, reference, SEQUENCE, 1e-4)
-        check_prompt_alt_tokens(sample, reference, SEQUENCE, 1e-4)
-        check_prompt_logprobs_last_n(sample, reference, SEQUENCE, 1e-4)
-    finally:
-        if with_adapter:
-            engine.unload_adapter(1)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from rl.errors import InvalidRequestError
 from rl.loop.run_dir import checkpoint_root
+from rl.loop.schedule import LR_SCHEDULES, lr_multiplier
 from samplers.config import SamplerConfig, vllm_lora_rank
 from trainers.config import TrainerConfig
 from trainers.losses import LOSSES, resolve_config
@@ -57,13 +58,35 @@ class Config:
     """most tokens sampled per turn"""
     temperature: float = 1.0
     """sampling temperature of training rollouts"""
+    dynamic_sampling_rounds: int = 0
+    """DAPO-style dynamic sampling, bounded: while a step's batch holds fewer than
+    `dynamic_sampling_min_groups` groups whose rewards differ, sample up to this many extra
+    rounds of `groups_per_batch` fresh problems and add their non-constant groups (0 = off).
+    Use it when most groups come back all wrong or all right and steps train on a few; each
+    round costs a sampling pass, and a nearly deterministic policy yields few such groups"""
+    dynamic_sampling_min_groups: int = 6
+    """the non-constant groups a batch should hold before dynamic sampling stops (at most
+    `groups_per_batch` count); the batch keeps at most `groups_per_batch` of them"""
     # -- optimisation -----------------------------------------------------------------------
     rank: int = 16
     """LoRA rank"""
     train_unembed: bool = True
     """LoRA on the output head too, besides the 7 linear modules"""
     learning_rate: float = 1e-3
-    """AdamW learning rate"""
+    """AdamW learning rate (the peak, under a schedule)"""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """learning rate over the run after warmup: constant, or decaying linearly or by a cosine
+    to `min_lr_ratio` x learning_rate at `num_steps` (rl/loop/schedule.py, as rl.loop.sft)"""
+    warmup_steps: int = 0
+    """steps of linear warmup from learning_rate / warmup_steps (0 = none)"""
+    min_lr_ratio: float = 0.0
+    """the decayed learning rate at the end of the run, as a fraction of learning_rate"""
+    scale_lr_by_signal: bool = False
+    """multiply each step's learning rate by the share of the batch's groups whose rewards
+    differ (at most groups_per_batch count, so the factor is <= 1). Adam makes a step about
+    learning_rate long whatever the gradient's scale, so without it a step trained on 1 group
+    moves the adapter as far as one trained on 12. Use it with remove_constant_groups when
+    late steps train on a few groups and held-out accuracy dips"""
     adam_beta2: float = 0.95
     """AdamW beta2"""
     grad_clip_norm: float = 1.0
@@ -181,6 +204,7 @@ class Config:
                 raise InvalidRequestError(f"{name}={value} must be a finite number >= 0")
         if not (0 < self.learning_rate < 1):
             raise InvalidRequestError(f"learning_rate={self.learning_rate} must be in (0, 1)")
+        self._check_schedule_and_sampling()
         if not (1 <= self.num_substeps <= self.groups_per_batch * self.group_size):
             raise InvalidRequestError(f"num_substeps={self.num_substeps} out of range")
         if self.env not in BUILTIN_ENVS and ":" not in self.env:
@@ -196,6 +220,36 @@ class Config:
                 "loss_reduction=sum"
             )
         parse_env_args(self.env_args)
+
+    def _check_schedule_and_sampling(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InvalidRequestError(
+                f"lr_schedule={self.lr_schedule!r}: expected one of {list(LR_SCHEDULES)}"
+            )
+        if not (0 <= self.warmup_steps < self.num_steps):
+            raise InvalidRequestError(
+                f"warmup_steps={self.warmup_steps} must be >= 0 and < num_steps={self.num_steps}"
+            )
+        if not (0 <= self.min_lr_ratio <= 1):
+            raise InvalidRequestError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.dynamic_sampling_rounds < 0:
+            raise InvalidRequestError(
+                f"dynamic_sampling_rounds={self.dynamic_sampling_rounds} must be >= 0"
+            )
+        if self.dynamic_sampling_min_groups < 1:
+            raise InvalidRequestError(
+                f"dynamic_sampling_min_groups={self.dynamic_sampling_min_groups} must be >= 1"
+            )
+
+    def learning_rate_at(self, step: int, informative_groups: int | None = None) -> float:
+        """The learning rate of optimizer step `step` (0-based) under the schedule; with
+        `scale_lr_by_signal`, times min(informative_groups / groups_per_batch, 1)."""
+        lr = self.learning_rate * lr_multiplier(
+            self.lr_schedule, step, self.num_steps, self.warmup_steps, self.min_lr_ratio
+        )
+        if self.scale_lr_by_signal and informative_groups is not None:
+            lr *= min(informative_groups / self.groups_per_batch, 1.0)
+        return lr
 
     def loss_config(self) -> dict[str, float]:
         values = {

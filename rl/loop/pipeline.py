@@ -33,6 +33,13 @@ from rl.client.weight_sync import PendingSync
 from rl.console import echo, process_age_s, progress_bar, warn
 from rl.loop.config import Config
 from rl.loop.datums import add_kl_penalty, groups_to_datums, scale_advantages
+from rl.loop.dynamic_sampling import (
+    DynamicBatch,
+    count_informative,
+    extra_batch_index,
+    needs_more,
+    top_up,
+)
 from rl.loop.metrics_log import MetricsLogger
 from rl.loop.plot import write_run_curves
 from rl.loop.rollouts import RolloutBatch, RolloutConfig, run_batch
@@ -97,7 +104,7 @@ async def run_pipeline(run: Run, start: int) -> None:
     if start >= config.num_steps:
         await evaluate(run, start, policy.client, label="final")
         return
-    ready: asyncio.Queue[tuple[int, RolloutBatch, int, float]] = asyncio.Queue()
+    ready: asyncio.Queue[tuple[int, DynamicBatch, int, float]] = asyncio.Queue()
     producer = asyncio.create_task(produce(run, policy, start, ready))
     loading: asyncio.Task | None = None  # a sync still loading on the samplers (off-policy)
     try:
@@ -117,7 +124,7 @@ async def run_pipeline(run: Run, start: int) -> None:
             loading, new_client = await _sync_step(run, policy, step, loading, metrics)
             now = time.perf_counter()
             metrics.update(_step_clock(run, step, start, version, now - last_end, now - t0))
-            metrics["data/problem_ids"] = [builder_id(b) for b in batch.builders]
+            metrics["data/problem_ids"] = [builder_id(b) for b in batch.batch.builders]
             last_end = now
             await finish_step(run, policy, step, new_client, metrics)
     finally:
@@ -130,14 +137,31 @@ async def run_pipeline(run: Run, start: int) -> None:
 
 
 async def produce(
-    run: Run, policy: Policy, start: int, ready: asyncio.Queue[tuple[int, RolloutBatch, int, float]]
+    run: Run, policy: Policy, start: int, ready: asyncio.Queue[tuple[int, DynamicBatch, int, float]]
 ) -> None:
     """Samples batch after batch, each with weights no older than the staleness bound."""
     for step in range(start, run.config.num_steps):
         client = await policy.fresh_enough(step, run.config.max_steps_off_policy)
         version, began = policy.version, time.perf_counter()
-        batch = await run_batch(batch_builders(run.train_data, step), client, run.rollout_config)
+        batch = await sample_batch(run, step, client)
         await ready.put((step, batch, version, time.perf_counter() - began))
+
+
+async def sample_batch(run: Run, step: int, client: SamplingClient) -> DynamicBatch:
+    """Step `step`'s groups, topped up by at most `dynamic_sampling_rounds` extra rounds while
+    fewer than `dynamic_sampling_min_groups` of them have rewards that differ
+    (rl/loop/dynamic_sampling.py)."""
+    config = run.config
+    batch = await run_batch(batch_builders(run.train_data, step), client, run.rollout_config)
+    sampled = DynamicBatch(batch, planned=len(batch.groups), sampled_groups=len(batch.groups))
+    rounds, cap = config.dynamic_sampling_rounds, config.groups_per_batch
+    while sampled.rounds < rounds and needs_more(batch, config.dynamic_sampling_min_groups, cap):
+        index = extra_batch_index(step, sampled.rounds, rounds, len(run.train_data))
+        extra = await run_batch(run.train_data.get_batch(index), client, run.rollout_config)
+        top_up(batch, extra, cap)
+        sampled.rounds += 1
+        sampled.sampled_groups += len(extra.groups)
+    return sampled
 
 
 async def _sync_step(
@@ -188,13 +212,17 @@ async def finish_step(
         await asyncio.to_thread(write_run_curves, run.run_dir)
 
 
-async def train_step(run: Run, step: int, batch: RolloutBatch, sample_s: float) -> dict[str, Any]:
-    """Scores `batch` and trains on it: `num_substeps` x (forward_backward + optim_step)."""
-    config = run.config
+async def train_step(run: Run, step: int, sampled: DynamicBatch, sample_s: float) -> dict[str, Any]:
+    """Scores the batch and trains on it: `num_substeps` x (forward_backward + optim_step).
+    The `env/` metrics describe the step's own groups, not those dynamic sampling added."""
+    config, batch = run.config, sampled.batch
     metrics: dict[str, Any] = {"time/sample_s": sample_s, **batch.metrics()}
-    if batch.groups:
-        metrics.update(rollout_metrics(batch.groups))
-        metrics["env/accuracy"] = accuracy(batch.groups)
+    if sampled.planned_groups:
+        metrics.update(rollout_metrics(sampled.planned_groups))
+        metrics["env/accuracy"] = accuracy(sampled.planned_groups)
+    metrics["train/informative_groups"] = float(count_informative(batch.groups))
+    if config.dynamic_sampling_rounds:
+        metrics.update(sampled.metrics())
     for message in batch.errors:
         warn(f"step {step + 1}: dropped a rollout: {message}")
     began = time.perf_counter()
@@ -203,8 +231,10 @@ async def train_step(run: Run, step: int, batch: RolloutBatch, sample_s: float) 
     began = time.perf_counter()
     if datums:
         chunks = _split(datums, config.num_substeps)
+        informative = int(metrics["train/informative_groups"])
+        metrics["optim/lr"] = config.learning_rate_at(step, informative)
         adam = AdamParams(
-            learning_rate=config.learning_rate,
+            learning_rate=metrics["optim/lr"],
             beta2=config.adam_beta2,
             eps=1e-8,
             grad_clip_norm=config.grad_clip_norm,

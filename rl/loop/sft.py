@@ -68,6 +68,7 @@ from rl.loop.run_dir import (
     rng_state_to_json,
     start_run,
 )
+from rl.loop.schedule import lr_multiplier
 from rl.types import (
     AdamParams,
     Datum,
@@ -78,8 +79,6 @@ from rl.types import (
     TensorData,
 )
 from trainers.config import TrainerConfig
-
-LrSchedule = Literal["constant", "linear", "cosine"]
 
 DEFAULT_DATA = "examples/data/chat_sft.jsonl"
 
@@ -223,30 +222,6 @@ class SFTResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: CheckpointRecord | None = None
     resumed_from: int | None = None
-
-
-# -- learning rate -----------------------------------------------------------------------------
-
-
-def lr_multiplier(
-    schedule: LrSchedule, step: int, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
-) -> float:
-    """The learning-rate factor of `step` (0-based) in a run of `total_steps`.
-
-    Warmup: (step + 1) / warmup_steps for the first warmup_steps steps. Then, with
-    p = (step - warmup) / (total - warmup) going from 0 towards 1: constant 1, linear
-    1 - (1 - min_ratio) * p, cosine min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress
-    if schedule == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise InvalidRequestError(f"unknown lr_schedule {schedule!r}")
 
 
 # -- data --------------------------------------------------------------------------------------
