@@ -341,15 +341,13 @@ def prompt_outputs(
     draws per position."""
     response = SampleResponse(sequences=[])
     logprobs = torch.log_softmax(logits[:-1], dim=-1)  # row i predicts prompt[i + 1]
-    length = len(request.prompt)
-    first = 1 if request.prompt_logprobs_last_n is None else length - request.prompt_logprobs_last_n
     if request.include_prompt_logprobs:
         prompt = torch.tensor(request.prompt, device=logits.device)
         chosen = logprobs.gather(-1, prompt[1:].view(-1, 1)).view(-1).tolist()
-        response.prompt_logprobs = [None if i < first else chosen[i - 1] for i in range(length)]
+        response.prompt_logprobs = request.scored_prompt(chosen)
     if request.topk_prompt_logprobs:
         rows = _topk_rows(logprobs, request.topk_prompt_logprobs)
-        response.topk_prompt_logprobs = [None if i < first else rows[i - 1] for i in range(length)]
+        response.topk_prompt_logprobs = request.scored_prompt(rows)
     if request.target_prompt_logprobs is not None:
         response.target_prompt_logprobs = target_logprobs(logprobs, request.target_prompt_logprobs)
     if request.prompt_alt_tokens_k:

@@ -645,15 +645,13 @@ def _to_response(request: SampleRequest, outputs: dict[str, Any]) -> SampleRespo
 def _add_prompt_logprobs(response: SampleResponse, request: SampleRequest, scored: Any) -> None:
     """Prompt logprobs and top-k; None at position 0 and before `prompt_logprobs_last_n`
     (vLLM scores the whole prompt; the prefix is left out)."""
-    flat, length = scored.prompt_logprobs, len(request.prompt)
-    last_n = request.prompt_logprobs_last_n
-    first = 1 if last_n is None else length - last_n
+    flat = scored.prompt_logprobs
     if request.include_prompt_logprobs:
         chosen = _chosen_logprobs(flat, request.prompt, offset=1)
-        response.prompt_logprobs = [None if i < first else chosen[i - 1] for i in range(length)]
+        response.prompt_logprobs = request.scored_prompt(chosen)
     if request.topk_prompt_logprobs:
-        rows = _topk(flat, request.topk_prompt_logprobs, 1, length)
-        response.topk_prompt_logprobs = [None if i < first else rows[i - 1] for i in range(length)]
+        rows = _topk(flat, request.topk_prompt_logprobs, 1, len(request.prompt))
+        response.topk_prompt_logprobs = request.scored_prompt(rows)
 
 
 def _target_values(request: SampleRequest, outputs: dict[str, Any]) -> TensorData:

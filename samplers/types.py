@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar
 
 from rl.types import SamplingParams
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 WeightsKind = Literal["base", "adapter", "merged"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,14 @@ class SampleRequest:
     """Whose request it is, for the pool's fair turns (samplers/fair.py): the server names the
     tenant. "": the model whose weights are sampled (`weights.model_id`; all base-model
     requests of the process then share one turn)."""
+
+    def scored_prompt(self, values: list[T]) -> list[T | None]:
+        """Per prompt position, from `values` (one per position after the first): None at
+        position 0 and before the last `prompt_logprobs_last_n` tokens."""
+        length = len(self.prompt)
+        last_n = self.prompt_logprobs_last_n
+        first = 1 if last_n is None else length - last_n
+        return [None if i < first else values[i - 1] for i in range(length)]
 
     def turn_owner(self) -> str:
         """The queue the request waits in when the pool's window is full."""

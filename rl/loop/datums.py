@@ -56,14 +56,15 @@ def compute_advantages(
     return advantages_P_G
 
 
+def is_informative(group: TrajectoryGroup, where: str = "group") -> bool:
+    """Whether the group's total rewards differ (so its advantages are not all zero)."""
+    rewards = total_rewards(group, where)
+    return bool(rewards) and max(rewards) - min(rewards) > 0
+
+
 def remove_constant_reward_groups(groups: Sequence[TrajectoryGroup]) -> list[TrajectoryGroup]:
     """Drops groups whose trajectories all have the same total reward (no learning signal)."""
-    kept = []
-    for g, group in enumerate(groups):
-        rewards = total_rewards(group, f"group {g}")
-        if rewards and max(rewards) - min(rewards) > 0:
-            kept.append(group)
-    return kept
+    return [group for g, group in enumerate(groups) if is_informative(group, f"group {g}")]
 
 
 def _tensors(**fields: list[int] | list[float]) -> dict[str, TensorData]:

@@ -20,14 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from envs.base import TrajectoryGroup
-from rl.loop.datums import total_rewards
+from rl.loop.datums import is_informative
 from rl.loop.rollouts import RolloutBatch
-
-
-def is_informative(group: TrajectoryGroup) -> bool:
-    """Whether the group's total rewards differ (so its advantages are not all zero)."""
-    rewards = total_rewards(group)
-    return bool(rewards) and max(rewards) - min(rewards) > 0
 
 
 def count_informative(groups: Sequence[TrajectoryGroup]) -> int:
@@ -56,10 +50,7 @@ def top_up(batch: RolloutBatch, extra: RolloutBatch, cap: int) -> int:
             batch.groups.append(group)
             batch.builders.append(builder)
             added += 1
-    batch.failed_rollouts += extra.failed_rollouts
-    batch.dropped_groups += extra.dropped_groups
-    batch.retries += extra.retries
-    batch.errors.extend(extra.errors[: max(0, 5 - len(batch.errors))])
+    batch.absorb_failures(extra)
     return added
 
 

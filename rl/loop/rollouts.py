@@ -62,6 +62,9 @@ class RolloutConfig:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, stop=stop)
 
 
+_LOGGED_ERRORS = 5  # failure messages a batch keeps for the log
+
+
 @dataclass
 class RolloutBatch:
     """The groups of one batch that produced at least one trajectory, and the failure counts."""
@@ -72,6 +75,17 @@ class RolloutBatch:
     dropped_groups: int = 0
     retries: int = 0
     errors: list[str] = field(default_factory=list)  # first few messages, for the log
+
+    def note_errors(self, messages: Sequence[str]) -> None:
+        """Keeps the first `_LOGGED_ERRORS` failure messages."""
+        self.errors.extend(messages[: max(0, _LOGGED_ERRORS - len(self.errors))])
+
+    def absorb_failures(self, other: RolloutBatch) -> None:
+        """Adds `other`'s failure counts and messages to this batch's."""
+        self.failed_rollouts += other.failed_rollouts
+        self.dropped_groups += other.dropped_groups
+        self.retries += other.retries
+        self.note_errors(other.errors)
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -113,7 +127,7 @@ async def run_batch(
         assert not isinstance(result, BaseException)
         group, failed, messages = result
         batch.failed_rollouts += failed
-        batch.errors.extend(messages[: max(0, 5 - len(batch.errors))])
+        batch.note_errors(messages)
         if group is None:
             batch.dropped_groups += 1
         else:
