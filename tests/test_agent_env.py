@@ -4,10 +4,10 @@ sampled tokens of a multi-turn episode become its datum, in and out of the RL lo
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 
 import pytest
+from episode_checks import check_exact_episode, three_turns
 from transformers import AutoTokenizer
 
 from envs.agent import AgentDataset, AgentEnv, ChatClient, Turn
@@ -27,19 +27,6 @@ def renderer(tiny_model) -> ChatRenderer:
     return ChatRenderer(AutoTokenizer.from_pretrained(tiny_model))
 
 
-async def three_turns(client: ChatClient, problem: Problem) -> float:
-    """Asks, then asks twice more, passing back the replies as text (as agents do)."""
-    messages = [{"role": "user", "content": problem.question}]
-    for follow_up in ("Are you sure?", "Once more."):
-        reply = await client.chat.completions.create(messages=messages, temperature=1.0)
-        messages += [
-            {"role": "assistant", "content": reply.choices[0].message.content},
-            {"role": "user", "content": follow_up},
-        ]
-    reply = await client.chat.completions.create(messages=messages)
-    return float(reply.usage.completion_tokens > 0)
-
-
 def test_a_recorded_episode_trains_on_exactly_the_sampled_tokens(
     torch_service, tiny_model, renderer
 ):
@@ -47,29 +34,8 @@ def test_a_recorded_episode_trains_on_exactly_the_sampled_tokens(
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=4)
     client = sampling_chat_client(sampler, renderer, params)
     assert asyncio.run(three_turns(client, PROBLEM)) == 1.0
-    turns = client.turns
-    assert len(turns) == 3
-    for before, after in itertools.pairwise(turns):
-        closed = (
-            before.tokens
-            if before.stop_reason == "stop"
-            else [*before.tokens, renderer.end_of_turn_token]
-        )
-        assert after.prompt[: len(before.prompt) + len(closed)] == [*before.prompt, *closed]
-    (datum,) = episode_datums(turns, advantage=0.5)
-    tokens = [*datum.model_input.to_ints(), datum.loss_fn_inputs["target_tokens"].tolist()[-1]]
-    last = turns[-1]
-    assert tokens == [*last.prompt, *last.tokens]
-    weights = datum.loss_fn_inputs["weights"].tolist()
-    logprobs = datum.loss_fn_inputs["logprobs"].tolist()
-    trained = [i + 1 for i, w in enumerate(weights) if w == 1.0]  # positions in `tokens`
-    sampled, sampled_logprobs = [], []
-    for turn in turns:
-        start = len(turn.prompt)
-        sampled += list(range(start, start + len(turn.tokens)))
-        sampled_logprobs += turn.logprobs
-    assert trained == sampled  # only the model's own tokens, every one of them
-    assert [logprobs[i - 1] for i in trained] == pytest.approx(sampled_logprobs)
+    assert len(client.turns) == 3
+    check_exact_episode(client.turns, renderer.end_of_turn_token)
 
 
 def test_text_round_trips_drift_and_the_client_keeps_the_sampled_tokens(renderer):

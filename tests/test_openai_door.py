@@ -9,23 +9,29 @@ the chat template makes and the tokens sampled.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
+import time
 
 import anthropic
 import httpx
 import openai
 import pytest
 import tinker
+from episode_checks import check_exact_episode, three_turns
 from tinker import types as tt
 from transformers import AutoTokenizer
 
+from envs.chat import ChatRenderer
+from envs.problem import Problem
 from rl.client.sampling import SamplingClient
+from rl.loop.agents import server_chat_client
 from rl.server import ServerConfig, build_service, start_in_thread
 from rl.server.chat import Finished, parse_tool_calls, render_chat
 from rl.server.keys import KeyStore
 from rl.server.openai_compat import Reply, chat_body
-from rl.types import ModelInput
+from rl.types import ModelInput, SamplingParams
 from samplers.config import SamplerConfig
 from trainers.config import TrainerConfig
 
@@ -47,7 +53,7 @@ def door(ray_local, tiny_model, tmp_path_factory):
     env = {"alice": keys.add("alice"), "bob": keys.add("bob")}
     service = build_service(config)
     running = start_in_thread(config, service)
-    yield {"url": running.url, "keys": env, "service": service}
+    yield {"url": running.url, "keys": env, "service": service, "state": running.state}
     running.stop()
     service.close()
 
@@ -219,6 +225,59 @@ def test_completions(door, tiny_model, tokenizer):
     assert streamed[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_token_ids_are_what_was_sampled(door, tiny_model, tokenizer):
+    """`return_token_ids` (vLLM's extension): the prompt as rendered and every sampled token,
+    in the answer and, chunk by chunk, in its stream; `stop_token_ids` ends at a token."""
+    client = oai(door)
+    seeded = {"model": tiny_model, "messages": CHAT, "max_tokens": 6, "seed": 5}
+    ids_on = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+    answer = client.chat.completions.create(**seeded, logprobs=True, extra_body=ids_on)
+    extra, choice = answer.model_extra or {}, answer.choices[0]
+    tokens = (choice.model_extra or {})["token_ids"]
+    assert extra["prompt_token_ids"] == render_chat(tokenizer, CHAT)
+    assert tokens == ids(choice.logprobs.content) and len(tokens) == answer.usage.completion_tokens
+    chunks = list(client.chat.completions.create(**seeded, stream=True, extra_body=ids_on))
+    assert (chunks[0].model_extra or {})["prompt_token_ids"] == extra["prompt_token_ids"]
+    streamed = [t for c in chunks for ch in c.choices for t in (ch.model_extra or {})["token_ids"]]
+    assert streamed == tokens
+    plain = client.chat.completions.create(**seeded)
+    assert "prompt_token_ids" not in (plain.model_extra or {})
+
+    two = client.completions.create(
+        model=tiny_model, prompt=[[1, 2, 3], [4, 5]], max_tokens=3, n=2, seed=2, extra_body=ids_on
+    )
+    prompts = [(c.model_extra or {})["prompt_token_ids"] for c in two.choices]
+    assert prompts == [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5]]
+    assert sum(len((c.model_extra or {})["token_ids"]) for c in two.choices) == (
+        two.usage.completion_tokens
+    )
+
+    # The seeded answer again, stopped at its third token: the same tokens up to that one.
+    stop = tokens[2]
+    cut = client.chat.completions.create(
+        **seeded, extra_body={**ids_on, "stop_token_ids": [stop]}
+    ).choices[0]
+    assert (cut.model_extra or {})["token_ids"] == tokens[: tokens.index(stop) + 1]
+    assert cut.finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="stop_token_ids"):
+        client.chat.completions.create(**seeded, stop=["x"], extra_body={"stop_token_ids": [3]})
+
+
+def test_an_agent_through_the_door_trains_on_exactly_the_sampled_tokens(door, tiny_model):
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(tiny_model))
+    key = door["keys"]["alice"]
+    http = openai.AsyncOpenAI(base_url=door["url"] + "/oai/api/v1", api_key=key, max_retries=0)
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=4)
+    client = server_chat_client(http, tiny_model, renderer, params)
+    assert asyncio.run(three_turns(client, Problem(question="What is 2 + 3?", answer="5"))) == 1.0
+    assert len(client.turns) == 3
+    check_exact_episode(client.turns, renderer.end_of_turn_token)
+    sampler = reference(door, tiny_model)
+    for turn in client.turns:  # the logprobs are the sampler's, for the same tokens
+        expected = prompt_logprobs(sampler, turn.prompt, turn.tokens)
+        assert turn.logprobs == pytest.approx(expected, abs=1e-3)
+
+
 def test_models_and_sampler_paths_are_per_tenant(door, tiny_model):
     alice = tinker.ServiceClient(base_url=door["url"], api_key=door["keys"]["alice"])
     training = alice.create_lora_training_client(tiny_model, rank=4, seed=1).result()
@@ -261,6 +320,36 @@ def test_models_and_sampler_paths_are_per_tenant(door, tiny_model):
     with pytest.raises(openai.NotFoundError):
         oai(door).chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=2)
     assert claude(door).messages.create(model=path, messages=CHAT, max_tokens=2).content
+
+
+def test_a_checkpoint_only_the_door_samples_leaves_the_samplers_when_idle(door, tiny_model):
+    alice = tinker.ServiceClient(base_url=door["url"], api_key=door["keys"]["alice"])
+    training = alice.create_lora_training_client(tiny_model, rank=4, seed=2).result()
+    path = training.save_weights_for_sampler("idle").result().path
+    state = door["state"]
+    local = str(state.runs.resolve("alice", path).local)
+
+    def loaded() -> bool:
+        return any(local in p.path_versions for p in door["service"].pools.started().values())
+
+    def ask() -> list[int]:
+        answer = oai(door).chat.completions.create(
+            model=path, messages=CHAT, max_tokens=4, seed=9, extra_body={"return_token_ids": True}
+        )
+        return (answer.choices[0].model_extra or {})["token_ids"]
+
+    first = ask()
+    assert loaded()
+    idle_s = state.config.door_idle_s
+    assert state.door_samplers.release_idle(time.time() + idle_s / 2) == 0 and loaded()
+    assert state.door_samplers.release_idle(time.time() + 2 * idle_s) >= 1
+    assert not loaded()
+    assert ask() == first and loaded()  # loaded again, the same weights
+
+    # A Tinker sampling session of the same checkpoint keeps it when the door lets go.
+    alice.create_sampling_client(model_path=path).result()
+    assert state.door_samplers.release_idle(time.time() + 2 * idle_s) >= 1
+    assert loaded()
 
 
 def test_keys_and_refusals(door, tiny_model):

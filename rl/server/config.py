@@ -50,6 +50,10 @@ class ServerConfig:
     """A session whose heartbeats (every 10 s from the SDK) stop for this long is ended: its
     models and samplers are released (their checkpoints stay). An hour outlasts a network blip
     and a laptop closed for a meeting (rl/server/lifecycle.py)."""
+    door_idle_s: float = 600.0
+    """A checkpoint that only the OpenAI and Anthropic doors sample leaves the samplers (its
+    adapter slot freed) after this long without a request; the next request loads it again
+    (rl/server/door_cache.py)."""
     max_checkpoint_gib_per_tenant: float = 0.0
     """Checkpoint storage per tenant, GiB, counted from the files of its listed checkpoints; a
     save that would go over it is refused with an error naming the cap and the tenant's use
@@ -109,6 +113,8 @@ class ServerConfig:
                 "--max_sequence_record_mib_per_tenant="
                 f"{self.max_sequence_record_mib_per_tenant} must be > 0"
             )
+        if not self.door_idle_s > 0:
+            raise InvalidRequestError(f"--door_idle_s={self.door_idle_s} must be > 0")
         if not self.session_timeout_s > 0:
             raise InvalidRequestError(f"--session_timeout_s={self.session_timeout_s} must be > 0")
         for cap in ("max_inflight_per_tenant", "max_models_per_tenant"):

@@ -1,6 +1,6 @@
-"""What the OpenAI and Anthropic doors sample with: the weights a request's `model` names,
-one cached `SamplingClient` per tenant and model, and sample calls counted like `asample`'s
-(the server's sampling queue, the tenant's in-flight cap, `/metrics`).
+"""What the OpenAI and Anthropic doors sample with: the weights a request's `model` names, and
+sample calls counted like `asample`'s (the server's sampling queue, the tenant's in-flight
+cap, `/metrics`). The clients themselves are cached in rl/server/door_cache.py.
 
 A request's `model` is a base model this server serves, a `tinker://` sampler path of the
 caller's own (resolved through the caller's run records, so another tenant's answers 404 like
@@ -11,29 +11,15 @@ must be the one the checkpoint was trained on).
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
-import threading
-from dataclasses import dataclass
 from typing import Any
 
 from rl.client.sampling import SamplingClient
 from rl.errors import InvalidRequestError, NotFoundError
+from rl.server.door_cache import Target
 from rl.server.limits import LimitError
 from rl.server.state import ServerState
 from rl.server.store import tinker_path
 from rl.types import ModelInput, SampleResponse, SamplingParams
-
-CACHED_SAMPLERS = 256  # sampling clients kept, least recently used dropped first
-
-
-@dataclass(frozen=True)
-class Target:
-    """The weights a request samples."""
-
-    name: str  # the base model, or the tinker:// path
-    base_model: str
-    local: str | None = None  # the checkpoint's directory, for a tinker:// path
 
 
 def target(state: ServerState, tenant: str, model: str) -> Target:
@@ -64,59 +50,6 @@ def model_names(state: ServerState, tenant: str) -> list[tuple[str, int]]:
             if kind == "sampler_weights":
                 names.append((tinker_path(run.run_id, kind, name), int(entry.created)))
     return names
-
-
-class SamplerCache:
-    """One `SamplingClient` per (tenant, model), made by the first request that needs it;
-    later ones wait for that one. A checkpoint client whose weights the samplers have since
-    let go (the last Tinker sampling session of that checkpoint ended) is made again."""
-
-    def __init__(self, state: ServerState, size: int = CACHED_SAMPLERS):
-        self._state = state
-        self._size = size
-        self._lock = threading.Lock()
-        self._clients: collections.OrderedDict[tuple[str, str], concurrent.futures.Future] = (
-            collections.OrderedDict()
-        )
-
-    def client(self, tenant: str, target: Target) -> SamplingClient:
-        """Blocking: making a client may start a sampler pool or load a checkpoint."""
-        key = (tenant, target.name)
-        with self._lock:
-            made = self._clients.get(key)
-            if made is not None and made.done() and not _usable(made):
-                made = None
-            first = made is None
-            if made is None:
-                made = self._clients[key] = concurrent.futures.Future()
-            self._clients.move_to_end(key)
-            while len(self._clients) > self._size:
-                self._clients.popitem(last=False)  # dropped here; the samplers keep it loaded
-        if first:
-            try:
-                made.set_result(self._make(target))
-            except BaseException as error:
-                with self._lock:
-                    if self._clients.get(key) is made:
-                        del self._clients[key]
-                made.set_exception(error)
-        client: SamplingClient = made.result()
-        return client
-
-    def _make(self, target: Target) -> SamplingClient:
-        service = self._state.service
-        if target.local is None:
-            return service.create_sampling_client(base_model=target.base_model)
-        return service.create_sampling_client(model_path=target.local, base_model=target.base_model)
-
-
-def _usable(made: concurrent.futures.Future) -> bool:
-    if made.exception() is not None:
-        return False
-    client: SamplingClient = made.result()
-    if client.weights.kind == "base":
-        return True
-    return client.weights in client.pool.path_versions.values()
 
 
 async def sample(
@@ -162,4 +95,4 @@ def _check_room(state: ServerState, tenant: str) -> None:
         )
 
 
-__all__ = ["SamplerCache", "Target", "model_names", "sample", "target"]
+__all__ = ["model_names", "sample", "target"]

@@ -8,8 +8,12 @@ Where it departs from OpenAI:
 - Logprobs are the model's own logprobs of the sampled tokens (temperature, top-p and top-k not
   applied), as Tinker's sampler returns them; every sampled token has one, the EOS and a stop
   string's tokens included, and `usage.completion_tokens` counts them all.
-- `return_tokens_as_token_ids` (vLLM's extension) names logprob tokens `token_id:N`; `top_k`
-  (also vLLM's) limits sampling to the k likeliest tokens.
+- vLLM's extensions: `return_tokens_as_token_ids` names logprob tokens `token_id:N`; `top_k`
+  limits sampling to the k likeliest tokens; `stop_token_ids` stops at those tokens (and at
+  EOS), with no `stop` strings beside them; `return_token_ids` adds the prompt's tokens as
+  rendered (`prompt_token_ids`: the answer's, or each completion choice's) and every sampled
+  token (`token_ids`, each choice's, or each chunk's in a stream), which is what an RL loop
+  trains on (rl/loop/agents.py `server_chat_client`).
 - A stream is the finished answer sent as chunks, one per token: the sampler gives no tokens
   before the sequence is done, so the first chunk comes when the whole answer is ready.
 - Refused with 400 (not ignored): `echo`, `suffix`, `best_of` above `n`, `logit_bias`,
@@ -31,6 +35,7 @@ from rl.server.chat import (
     parse_tool_calls,
     sampling_params,
     sse,
+    stop_strings,
     template_tool_call,
     token_text,
 )
@@ -55,6 +60,8 @@ class _Request(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     return_tokens_as_token_ids: bool | None = None  # vLLM's extension
+    return_token_ids: bool | None = None  # vLLM's extension
+    stop_token_ids: list[int] | None = None  # vLLM's extension
 
 
 class ChatRequest(_Request):
@@ -87,6 +94,7 @@ class Reply:
     prompt_tokens: int  # over all prompts
     logprobs: int | None  # None: no logprobs; k: with the k likeliest at each token
     token_ids: bool = False  # name logprob tokens `token_id:N`
+    prompts: tuple[tuple[int, ...], ...] | None = None  # with return_token_ids: each prompt
 
 
 def check(request: ChatRequest | CompletionRequest) -> None:
@@ -96,6 +104,9 @@ def check(request: ChatRequest | CompletionRequest) -> None:
         "logit_bias is not supported": bool(request.logit_bias),
         "presence_penalty is not supported": bool(request.presence_penalty),
         "frequency_penalty is not supported": bool(request.frequency_penalty),
+        "stop and stop_token_ids together are not supported: give one": bool(
+            request.stop_token_ids and stop_strings(request.stop)
+        ),
     }
     if isinstance(request, ChatRequest):
         format_type = (request.response_format or {}).get("type", "text")
@@ -167,19 +178,20 @@ def chat_tools(request: ChatRequest) -> list[dict[str, Any]] | None:
     return None if request.tool_choice == "none" or not request.tools else request.tools
 
 
-def chat_params(request: ChatRequest) -> SamplingParams:
+def chat_params(request: ChatRequest, eos_token_id: int | None) -> SamplingParams:
     max_tokens = request.max_completion_tokens or request.max_tokens
-    return sampling_params(
+    params = sampling_params(
         max_tokens, request.temperature, request.top_p, request.top_k, request.stop, request.seed
     )
+    return _with_stop_tokens(params, request, eos_token_id)
 
 
 def chat_logprobs(request: ChatRequest) -> int | None:
     return (request.top_logprobs or 0) if request.logprobs else None
 
 
-def completion_params(request: CompletionRequest) -> SamplingParams:
-    return sampling_params(
+def completion_params(request: CompletionRequest, eos_token_id: int | None) -> SamplingParams:
+    params = sampling_params(
         request.max_tokens,
         request.temperature,
         request.top_p,
@@ -187,6 +199,20 @@ def completion_params(request: CompletionRequest) -> SamplingParams:
         request.stop,
         request.seed,
     )
+    return _with_stop_tokens(params, request, eos_token_id)
+
+
+def _with_stop_tokens(
+    params: SamplingParams, request: _Request, eos_token_id: int | None
+) -> SamplingParams:
+    """`stop_token_ids` as the sampler's stop, EOS kept (a token stop replaces EOS stopping
+    in the sampler; in vLLM's API it adds to it)."""
+    if not request.stop_token_ids:
+        return params
+    stops = [int(t) for t in request.stop_token_ids]
+    if eos_token_id is not None and int(eos_token_id) not in stops:
+        stops.append(int(eos_token_id))
+    return params.model_copy(update={"stop": stops})
 
 
 def completion_prompts(tokenizer: Any, request: CompletionRequest) -> list[list[int]]:
@@ -237,12 +263,14 @@ def chat_body(
                 "message": message,
                 "logprobs": {"content": logprobs} if logprobs is not None else None,
                 "finish_reason": "tool_calls" if calls else f.reason,
+                **_token_ids(reply, f.tokens),
             }
         )
     return {
         **_head(reply, "chat.completion"),
         "choices": choices,
         "usage": usage(reply.prompt_tokens, finished),
+        **_prompt_ids(reply, 0),
     }
 
 
@@ -253,18 +281,20 @@ def chat_events(
     choice its role, a chunk per token (or its text and tool calls), and its finish reason."""
     events = []
     for index, f in enumerate(finished):
-        events.append(_chunk(reply, index, {"role": "assistant", "content": ""}))
+        prompt = _prompt_ids(reply, 0) if index == 0 else None  # vLLM's: on the first chunk
+        events.append(_chunk(reply, index, {"role": "assistant", "content": ""}, top=prompt))
         content, calls = _content_and_calls(f, tools)
         logprobs = _chat_logprobs(reply, tokenizer, f)
         if calls:
-            events.append(_chunk(reply, index, {"content": content or None}, logprobs))
+            text = _chunk(reply, index, {"content": content or None}, logprobs, ids=f.tokens)
             deltas = [{"index": j, **_tool_call(c)} for j, c in enumerate(calls)]
-            events.append(_chunk(reply, index, {"tool_calls": deltas}))
+            events += [text, _chunk(reply, index, {"tool_calls": deltas})]
         else:
             for j, piece in enumerate(f.pieces):
                 token_logprobs = logprobs[j : j + 1] if logprobs is not None else None
-                if piece or token_logprobs:
-                    events.append(_chunk(reply, index, {"content": piece}, token_logprobs))
+                ids = f.tokens[j : j + 1]
+                if piece or token_logprobs or (reply.prompts is not None and ids):
+                    events.append(_chunk(reply, index, {"content": piece}, token_logprobs, ids=ids))
         reason = "tool_calls" if calls else f.reason
         events.append(_chunk(reply, index, {}, finish_reason=reason))
     if with_usage:
@@ -283,14 +313,33 @@ def _chunk(
     delta: dict[str, Any],
     logprobs: list[dict[str, Any]] | None = None,
     finish_reason: str | None = None,
+    ids: list[int] | None = None,
+    top: dict[str, Any] | None = None,
 ) -> bytes:
     choice = {
         "index": index,
         "delta": delta,
         "logprobs": {"content": logprobs} if logprobs is not None else None,
         "finish_reason": finish_reason,
+        **_token_ids(reply, ids or []),
     }
-    return sse({**_head(reply, "chat.completion.chunk"), "choices": [choice]})
+    return sse({**_head(reply, "chat.completion.chunk"), "choices": [choice], **(top or {})})
+
+
+def _token_ids(reply: Reply, tokens: list[int]) -> dict[str, Any]:
+    """A choice's `token_ids` when the request asked for them (`return_token_ids`)."""
+    return {"token_ids": list(tokens)} if reply.prompts is not None else {}
+
+
+def _prompt_ids(reply: Reply, prompt: int) -> dict[str, Any]:
+    """`prompt_token_ids` of prompt `prompt` when the request asked for them."""
+    return {"prompt_token_ids": list(reply.prompts[prompt])} if reply.prompts is not None else {}
+
+
+def _prompt_of(reply: Reply, finished: list[Finished], index: int) -> int:
+    """The prompt of completion choice `index` (choice i * n + j is prompt i's sample j)."""
+    per_prompt = max(1, len(finished) // max(1, len(reply.prompts or ())))
+    return index // per_prompt
 
 
 def _tool_call(call: ToolCall) -> dict[str, Any]:
@@ -331,6 +380,8 @@ def completion_body(reply: Reply, tokenizer: Any, finished: list[Finished]) -> d
             "text": f.text,
             "logprobs": _completion_logprobs(reply, tokenizer, f, range(len(f.tokens))),
             "finish_reason": f.reason,
+            **_prompt_ids(reply, _prompt_of(reply, finished, index)),
+            **_token_ids(reply, f.tokens),
         }
         for index, f in enumerate(finished)
     ]
@@ -347,11 +398,14 @@ def completion_events(
     """The `text_completion` chunks: one per token, a last one with the finish reason."""
     events = []
     for index, f in enumerate(finished):
+        prompt = _prompt_ids(reply, _prompt_of(reply, finished, index))
         for j, piece in enumerate(f.pieces):
             logprobs = _completion_logprobs(reply, tokenizer, f, range(j, j + 1))
-            if piece or logprobs is not None:
-                events.append(_text_chunk(reply, index, piece, logprobs, None))
-        events.append(_text_chunk(reply, index, "", None, f.reason))
+            ids = _token_ids(reply, f.tokens[j : j + 1])
+            if piece or logprobs is not None or ids:
+                events.append(_text_chunk(reply, index, piece, logprobs, None, {**prompt, **ids}))
+                prompt = {}
+        events.append(_text_chunk(reply, index, "", None, f.reason, prompt))
     if with_usage:
         chunk = {**_head(reply, "text_completion"), "choices": []}
         events.append(sse({**chunk, "usage": usage(reply.prompt_tokens, finished)}))
@@ -359,10 +413,15 @@ def completion_events(
 
 
 def _text_chunk(
-    reply: Reply, index: int, text: str, logprobs: dict[str, Any] | None, reason: str | None
+    reply: Reply,
+    index: int,
+    text: str,
+    logprobs: dict[str, Any] | None,
+    reason: str | None,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-    return sse({**_head(reply, "text_completion"), "choices": [choice]})
+    return sse({**_head(reply, "text_completion"), "choices": [{**choice, **(extra or {})}]})
 
 
 def _completion_logprobs(

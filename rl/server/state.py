@@ -35,6 +35,7 @@ from rl.futures import chain, settle
 from rl.models import resolve_model
 from rl.server.config import ServerConfig
 from rl.server.custom_losses import CustomLosses
+from rl.server.door_cache import SamplerCache
 from rl.server.futures import Encoding, FutureStore, ModelOrder, failed, flatten
 from rl.server.lifecycle import SessionReaper
 from rl.server.limits import InflightGate, check_models
@@ -88,6 +89,8 @@ class ServerState:
         self._models: dict[str, Model] = {}
         self._creating: dict[str, tuple[str, str]] = {}  # model id -> (tenant, request id)
         self._samplers: dict[str, Sampler] = {}
+        # The OpenAI and Anthropic doors' sampling clients.
+        self.door_samplers = SamplerCache(service, config.door_idle_s, self._sampled_in_session)
         self._sampler_starts: dict[str, tuple[str, concurrent.futures.Future]] = {}
         # Model ids released (session ended, unload_model) -> why, for a clear error later.
         self._released: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -181,6 +184,7 @@ class ServerState:
                     del self._sessions[session_id]
         for session_id in stale:
             self.end_session(session_id, f"its session sent no heartbeat for {timeout:g} s")
+        self.door_samplers.release_idle(now)
         return stale
 
     def end_session(self, session_id: str, why: str) -> None:
@@ -240,9 +244,14 @@ class ServerState:
             sampler = self._samplers.pop(sampler_id, None)
             self._sampler_starts.pop(sampler_id, None)
             local = sampler.local_path if sampler is not None else None
-            shared = any(s.local_path == local for s in self._samplers.values())
-        if local is not None and not shared:
-            self.service.pools.release_checkpoint(local)
+        if local is None or self._sampled_in_session(local) or self.door_samplers.holds(local):
+            return
+        self.service.pools.release_checkpoint(local)
+
+    def _sampled_in_session(self, local: str) -> bool:
+        """Whether a sampling session samples the checkpoint at `local`."""
+        with self._lock:
+            return any(s.local_path == local for s in self._samplers.values())
 
     # -- training clients ------------------------------------------------------------------
 

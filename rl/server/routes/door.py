@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -16,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from rl.client.sampling import SamplingClient
 from rl.errors import CheckpointError, InvalidRequestError, NotFoundError
-from rl.server.inference import SamplerCache, target
+from rl.server.inference import target
 from rl.server.keys import KeyStore
 from rl.server.limits import LimitError
 from rl.server.routes.common import UnauthorizedError, json_body
@@ -26,7 +25,6 @@ from rl.server.wire import WireError
 logger = logging.getLogger("rl.server")
 M = TypeVar("M", bound=BaseModel)
 ErrorBody = Callable[[int, str], dict[str, Any]]
-_cache_lock = threading.Lock()
 
 
 def api_key(request: Request) -> str | None:
@@ -75,7 +73,7 @@ async def sampler(
     """The sampling client of `model` for `tenant` and the model's tokenizer."""
 
     def get() -> tuple[SamplingClient, Any]:
-        client = _cache(request, state).client(tenant, target(state, tenant, model))
+        client = state.door_samplers.client(tenant, target(state, tenant, model))
         return client, client.get_tokenizer()
 
     return await asyncio.to_thread(get)
@@ -85,15 +83,6 @@ def events(chunks: list[bytes]) -> StreamingResponse:
     """Server-sent events, all made already."""
     headers = {"cache-control": "no-cache"}
     return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
-
-
-def _cache(request: Request, state: ServerState) -> SamplerCache:
-    """The app's `SamplerCache`, made on first use."""
-    with _cache_lock:
-        cache = getattr(request.app.state, "door_samplers", None)
-        if cache is None:
-            cache = request.app.state.door_samplers = SamplerCache(state)
-        return cache
 
 
 def status_of(error: BaseException) -> int:

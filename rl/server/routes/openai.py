@@ -46,7 +46,7 @@ async def _chat(request: Request, state: ServerState, who: str) -> Response:
     tools = oai.chat_tools(body)
     prompt = await asyncio.to_thread(render_chat, tokenizer, oai.chat_messages(body), tools)
     logprobs = oai.chat_logprobs(body)
-    params = oai.chat_params(body)
+    params = oai.chat_params(body, tokenizer.eos_token_id)
     [response] = await sample(state, who, client, [prompt], body.n, params, logprobs or 0)
     stops = stop_strings(body.stop)
     finished = await asyncio.to_thread(
@@ -59,6 +59,7 @@ async def _chat(request: Request, state: ServerState, who: str) -> Response:
         len(prompt),
         logprobs,
         bool(body.return_tokens_as_token_ids),
+        (tuple(prompt),) if body.return_token_ids else None,
     )
     if body.stream:
         with_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -76,7 +77,7 @@ async def _complete(request: Request, state: ServerState, who: str) -> Response:
     oai.check(body)
     client, tokenizer = await sampler(request, state, who, body.model)
     prompts = await asyncio.to_thread(oai.completion_prompts, tokenizer, body)
-    params = oai.completion_params(body)
+    params = oai.completion_params(body, tokenizer.eos_token_id)
     responses = await sample(state, who, client, prompts, body.n, params, body.logprobs or 0)
     stops = stop_strings(body.stop)
     finished = await asyncio.to_thread(
@@ -89,6 +90,7 @@ async def _complete(request: Request, state: ServerState, who: str) -> Response:
         sum(len(p) for p in prompts),
         body.logprobs,
         bool(body.return_tokens_as_token_ids),
+        tuple(tuple(p) for p in prompts) if body.return_token_ids else None,
     )
     if body.stream:
         with_usage = bool((body.stream_options or {}).get("include_usage"))
