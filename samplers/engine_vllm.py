@@ -16,6 +16,15 @@ are untied for merged syncs (`hf_overrides`), since a merged unembedding LoRA ma
 output head differ from the input embedding; the head is then initialised from the embedding
 right after start-up.
 
+Base-model rows on a CPU LoRA engine: vLLM's torch LoRA ops (`vllm.lora.ops.torch_ops`, used
+by `PunicaWrapperCPU`) index the stacked adapter weights with each row's slot, and a row of no
+adapter has slot -1, which Python indexing reads as the last slot. Every base row of a batch
+that runs an adapter, and every base row of every batch through the output head (whose LoRA
+runs unconditionally), would get the adapter in the last slot added, or the stale weights of
+the one that last used it: vLLM does not zero a slot when an adapter leaves it.
+`_zero_slot_for_base_rows` gives each LoRA layer's B weights one more slot, past vLLM's,
+that stays zero, so slot -1 adds nothing. CUDA's kernels skip slot -1 and are left as they are.
+
 Prompt logprobs on a LoRA engine: vLLM 0.32 applies the unembedding (lm_head) LoRA to the
 prompt logits with the per-request mapping of the whole batch, so prompt logprobs are only
 right (and only do not crash) when their request is alone in the batch. On LoRA engines the
@@ -219,6 +228,8 @@ class VLLMEngine:
         gc.freeze()
         self._llm = LLM(model_dir, **kwargs)
         self._engine = self._llm.llm_engine
+        if enable_lora:
+            self._llm.collective_rpc(_zero_slot_for_base_rows)
         if untie:
             # The CPU backend repacks weights after loading, so the head is set through a
             # swap or reload_weights (each packs it), not by copying into the parameter.
@@ -514,6 +525,47 @@ def _input_embedding(model_dir: str) -> tuple[str, torch.Tensor]:
                 if name.endswith("embed_tokens.weight"):
                     return name, handle.get_tensor(name)
     raise RuntimeError(f"cannot untie the embeddings of {model_dir}: no *embed_tokens.weight")
+
+
+def _zero_slot_for_base_rows(worker: Any) -> int:
+    """On a vLLM worker whose LoRA layers run on the torch ops (CPU): appends a zero slot to
+    each layer's stacked B weights, the one that rows of no adapter (slot -1) read. Returns
+    the number of layers changed; 0 where vLLM's kernels skip those rows themselves."""
+    from vllm.lora.layers import (
+        BaseLayerWithLoRA,
+        LogitsProcessorWithLoRA,
+        VocabParallelEmbeddingWithLoRA,
+    )
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    slots = worker.model_runner.lora_manager._adapter_manager.lora_slots
+
+    def padded(stacked: torch.Tensor) -> torch.Tensor:
+        assert stacked.shape[0] == slots, stacked.shape
+        out = stacked.new_zeros((slots + 1, *stacked.shape[1:]))
+        out[:slots].copy_(stacked)
+        return out
+
+    changed = 0
+    for name, module in worker.model_runner.get_model().named_modules():
+        if not isinstance(module, BaseLayerWithLoRA):
+            continue
+        if not isinstance(getattr(module, "punica_wrapper", None), PunicaWrapperCPU):
+            continue
+        if isinstance(module, BaseLinearLayerWithLoRA):
+            module.lora_b_stacked = tuple(padded(t) for t in module.lora_b_stacked)
+        elif isinstance(module, LogitsProcessorWithLoRA | VocabParallelEmbeddingWithLoRA):
+            module.lora_b_stacked = padded(module.lora_b_stacked)
+        else:
+            logger.warning(
+                "%s (%s): rows of no adapter may get the last slot's LoRA added on CPU",
+                name,
+                type(module).__name__,
+            )
+            continue
+        changed += 1
+    return changed
 
 
 def _engine_requests(request: SampleRequest, *, exclusive_scoring: bool) -> list[_Part]:
