@@ -10,67 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from server_process import ROOT, server_process
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    """A real server process; yields (base url, api key, home)."""
-    home = tmp_path_factory.mktemp("cookbook-server")
-    port = free_port()
-    log = open(home / "server.log", "w")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "rl.server", "--port", str(port), "--home", str(home),
-            "--models", tiny_model, "--sampler.engine", "torch", "--trainer.dtype", "float32",
-            "--trainer.num_threads", "1", "--sampler.num_threads", "1",
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        key = None
-        deadline = time.monotonic() + 180
-        while key is None:
-            assert process.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not start"
-            match = re.search(r"TINKER_API_KEY=(tml-\S+)", (home / "server.log").read_text())
-            key = match.group(1) if match else None
-            time.sleep(0.5)
-        assert httpx.get(f"{url}/api/v1/healthz").json() == {"status": "ok"}
-        yield url, key, home
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    """A real server process; yields (base url, api key)."""
+    with server_process(tiny_model, tmp_path_factory.mktemp("cookbook-server")) as running:
+        yield running
 
 
 def run_recipe(server, tiny_model: str, recipe: str, log_path: Path, *args: str) -> None:
-    url, key, _ = server
+    url, key = server
     env = {
         **os.environ,
         "TINKER_BASE_URL": url,
@@ -114,7 +71,7 @@ def test_math_rl_and_supervised_recipes_run_unmodified(server, tiny_model, tmp_p
     assert len(rows) == 2 and all(r["train_mean_nll"] > 0 for r in rows)
 
     # The recipes' checkpoints are on the server, listed for this key's tenant.
-    url, key, _ = server
+    url, key = server
     rest = tinker.RestClient(base_url=url, api_key=key)
     checkpoints = rest.list_user_checkpoints().result().checkpoints
     assert any(c.checkpoint_id == "weights/final" for c in checkpoints)
@@ -125,7 +82,7 @@ def test_rl_loop_datums_train_through_the_sdk(server, tiny_model):
     """recipes/rl_loop.py needs gsm8k from the hub; its datum construction (with the recipe's
     own provenance helper) trains at stable_reinforce, gspo and importance_sampling."""
     subprocess.run(["bash", "scripts/cookbook.sh", "install"], cwd=ROOT, check=True, timeout=1500)
-    url, key, _ = server
+    url, key = server
     env = {**os.environ, "TINKER_BASE_URL": url, "TINKER_API_KEY": key, "TINKER_TELEMETRY": "0"}
     result = subprocess.run(
         [str(ROOT / ".venv-cookbook/bin/python"), "tests/cookbook_rl_loop.py", tiny_model],
