@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_vs_trl.py --quick          # 2 steps per side: a smoke run
     .venv/bin/python bench/bench_vs_trl.py --ours sampler.sync_mode=adapter     # extra rl.loop.train keys
     .venv/bin/python bench/bench_vs_trl.py --steps 5 --repeats 3 --trl-seed 0,1,2  # spreads
+    .venv/bin/python bench/bench_vs_trl.py --level 2 --repeats 4 --trl-seed 0,1,2,3  # harder
 
 One invocation runs both sides one after the other, each in a child process of its own:
 
@@ -18,7 +19,8 @@ One invocation runs both sides one after the other, each in a child process of i
   clipped to 1.0, LoRA r16 alpha 32 on q/k/v/o/gate/up/down, temperature 1, 16 tokens,
   96 completions per step (12 prompts x 8, one generation per optimizer step).
 
-The task is the same on both sides by construction: arithmetic level 1 from `envs` (seed 0),
+The task is the same on both sides by construction: arithmetic level 1 (`--level N` for
+another of envs/arithmetic.py's levels) from `envs` (seed 0),
 12 problems x 8 samples per step, the training problems in our loop's batch order (TRL reads
 them in dataset order, shuffling off), the same 100 held-out problems, the prompts rendered by
 `envs.chat.ChatRenderer` with the task's system prompt (TRL gets the template's text, and the
@@ -29,7 +31,10 @@ callback after every optimizer step (and before the first): greedy, batched with
 padding, 16 tokens, accuracy = share of correct replies, format = share well-formed.
 
 Timing: every time is wall seconds since the child process was spawned (imports, model load
-and start-up included). TRL's child stamps its own events; for ours the parent stamps each
+and start-up included); times to 80% (and their ratio) leave out the time each side spent in
+its own held-out evals, which run on vLLM for ours and HF generate for TRL's and would
+otherwise favour us. The summary also shows each run's lowest eval from step 5 on, and with
+several runs how many never fell below 88% there. TRL's child stamps its own events; for ours the parent stamps each
 line of the child's stdout as it arrives and takes the eval times from the loop's
 "[baseline|eval|final] after N steps: held-out ..." lines (exact accuracies come from
 metrics.jsonl afterwards). Peak memory is the peak over one-second samples of the RSS summed
@@ -75,7 +80,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Imports only envs (no torch, ray or vllm): the TRL child runs this file in .venv-trl.
-from envs.arithmetic import build_datasets  # noqa: E402
+from envs.arithmetic import LEVELS, build_datasets  # noqa: E402
 from envs.chat import ChatRenderer  # noqa: E402
 from envs.problem import ProblemGroupBuilder  # noqa: E402
 
@@ -91,7 +96,15 @@ TASK_KEYS = {
     "temperature": "1.0",
 }
 LEVEL, NUM_TEST, SEED, GROUPS, GROUP_SIZE, MAX_TOKENS = 1, 100, 0, 12, 8, 16
+
+
+def task_keys(level: int = LEVEL) -> dict[str, str]:
+    """TASK_KEYS with arithmetic at `level` (envs/arithmetic.py LEVELS)."""
+    return {**TASK_KEYS, "env_args": f"level={level},num_test={NUM_TEST}"}
+
+
 MARKS = (0, 5, 10, 20)  # steps whose accuracy the summary shows
+HOLD_FROM, HOLD = 5, 0.88  # each run's lowest eval from this step on, against this floor
 TARGET = 0.8
 TRL_VENV = ROOT / ".venv-trl"
 
@@ -108,7 +121,9 @@ class Prompt:
     answer: str
 
 
-def task_prompts(tokenizer: Any, steps: int) -> tuple[list[Prompt], list[Prompt]]:
+def task_prompts(
+    tokenizer: Any, steps: int, level: int = LEVEL
+) -> tuple[list[Prompt], list[Prompt]]:
     """(train, test): `steps` x 12 training prompts in rl.loop.train's batch order (step s uses
     `train.get_batch(s % len(train))`, as `rl.loop.train.batch_builders`), and the 100 held-out."""
     renderer = ChatRenderer(tokenizer)
@@ -117,7 +132,7 @@ def task_prompts(tokenizer: Any, steps: int) -> tuple[list[Prompt], list[Prompt]
         batch_size=GROUPS,
         group_size=GROUP_SIZE,
         seed=SEED,
-        level=LEVEL,
+        level=level,
         num_test=NUM_TEST,
     )
     train_builders = [b for s in range(steps) for b in train.get_batch(s % len(train))]
@@ -145,7 +160,13 @@ def score(renderer: ChatRenderer, reply_tokens: Sequence[int], answer: str) -> d
 
 
 def run_trl_child(
-    model_path: str, steps: int, lr: float, events_path: str, out_dir: str, seed: int = SEED
+    model_path: str,
+    steps: int,
+    lr: float,
+    events_path: str,
+    out_dir: str,
+    seed: int = SEED,
+    level: int = LEVEL,
 ) -> None:
     """GRPOTrainer on the task; writes one JSON line per eval and per step to `events_path`."""
     import torch
@@ -154,7 +175,7 @@ def run_trl_child(
     events = EventLog(events_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     renderer = ChatRenderer(tokenizer)
-    train, test = task_prompts(tokenizer, steps)
+    train, test = task_prompts(tokenizer, steps, level)
     check_trl_tokens(tokenizer, [*train, *test])
     from datasets import Dataset
 
@@ -364,6 +385,7 @@ class Eval:
     accuracy: float
     format: float
     seconds: float  # since the child was spawned
+    eval_s: float = 0.0  # how long this eval itself took
 
 
 @dataclass
@@ -376,6 +398,15 @@ class Side:
     wall_s: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
     log: str = ""
+
+    def net_seconds(self, e: Eval) -> float:
+        """`e.seconds` less the time spent in this side's held-out evals up to and including
+        `e` (ours run on vLLM, TRL's on HF generate: counted in, they would favour us)."""
+        return e.seconds - sum(x.eval_s for x in self.evals if x.step <= e.step)
+
+    def lowest_from(self, step: int) -> float:
+        """The lowest held-out accuracy of the evals after `step` steps or more."""
+        return min((e.accuracy for e in self.evals if e.step >= step), default=math.nan)
 
     def time_to(self, target: float) -> Eval | None:
         return next(
@@ -449,10 +480,12 @@ def run_child(
 EVAL_LINE = re.compile(r"\[(?:baseline|eval|final)\] after (\d+) steps: held-out accuracy")
 
 
-def run_ours(steps: int, work: Path, extra: Sequence[str], tag: str = "ours") -> Side:
+def run_ours(
+    steps: int, work: Path, extra: Sequence[str], tag: str = "ours", level: int = LEVEL
+) -> Side:
     run_dir = work / tag
     cmd = [sys.executable, "-m", "rl.loop.train", f"num_steps={steps}", "eval_every=1"]
-    cmd += [f"{k}={v}" for k, v in TASK_KEYS.items()]
+    cmd += [f"{k}={v}" for k, v in task_keys(level).items()]
     cmd += [f"log_dir={run_dir}", "on_existing=overwrite", *extra]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh embedded Ray
     env["PYTHONUNBUFFERED"] = "1"
@@ -475,17 +508,25 @@ def run_ours(steps: int, work: Path, extra: Sequence[str], tag: str = "ours") ->
 def parse_ours(run_dir: Path, times: dict[int, float], log: str) -> Side:
     """Our side from its metrics.jsonl and the stdout times of its eval lines (step -> s)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    found: dict[int, tuple[float, float]] = {}
+    found: dict[int, tuple[float, float, float]] = {}
     for r in records:
         if "baseline/accuracy" in r:
-            found[0] = (r["baseline/accuracy"], r.get("baseline/format", math.nan))
+            found[0] = (
+                r["baseline/accuracy"],
+                r.get("baseline/format", math.nan),
+                r.get("baseline/eval_s", 0.0),
+            )
         if "eval/accuracy" in r:
-            found[int(r["eval/step"])] = (r["eval/accuracy"], r.get("eval/format", math.nan))
+            found[int(r["eval/step"])] = (
+                r["eval/accuracy"],
+                r.get("eval/format", math.nan),
+                r.get("time/eval_s", 0.0),
+            )
     missing = sorted(set(found) - set(times))
     if missing:
         raise SystemExit(f"ours: no eval line on stdout for steps {missing}; see {log}")
     side = Side("ours", log=log, config=json.loads((run_dir / "config.json").read_text()))
-    side.evals = [Eval(s, a, f, times[s]) for s, (a, f) in sorted(found.items())]
+    side.evals = [Eval(s, a, f, times[s], d) for s, (a, f, d) in sorted(found.items())]
     keys = ("sample_s", "score_s", "train_s", "sync_s", "eval_s")
     side.phases = mean_phases(
         [{k: r.get(f"time/{k}", 0.0) for k in keys} for r in records], side.evals
@@ -494,7 +535,13 @@ def parse_ours(run_dir: Path, times: dict[int, float], log: str) -> Side:
 
 
 def run_trl(
-    steps: int, lr: float, work: Path, model_path: str, seed: int = SEED, tag: str = "trl"
+    steps: int,
+    lr: float,
+    work: Path,
+    model_path: str,
+    seed: int = SEED,
+    tag: str = "trl",
+    level: int = LEVEL,
 ) -> Side:
     subprocess.run(["bash", str(ROOT / "scripts" / "setup_trl.sh")], check=True)
     events_path = work / f"{tag}_events.jsonl"
@@ -502,7 +549,7 @@ def run_trl(
     python = str(TRL_VENV / "bin" / "python")
     cmd = [python, str(Path(__file__).resolve()), "--trl-child", "--model", model_path]
     cmd += ["--steps", str(steps), "--trl-lr", str(lr), "--events", str(events_path)]
-    cmd += ["--trl-out", str(work / tag), "--trl-seed", str(seed)]
+    cmd += ["--trl-out", str(work / tag), "--trl-seed", str(seed), "--level", str(level)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")  # a local model: no network
     print(f"trl: GRPOTrainer, lr {lr}, seed {seed}", flush=True)
@@ -525,7 +572,7 @@ def parse_trl(events_path: Path, spawned: float, log: str) -> Side:
     events = [json.loads(line) for line in events_path.read_text().splitlines()]
     side = Side("trl", log=log)
     side.evals = [
-        Eval(e["step"], e["accuracy"], e["format"], e["time"] - spawned)
+        Eval(e["step"], e["accuracy"], e["format"], e["time"] - spawned, e["eval_s"])
         for e in events
         if e["kind"] == "eval"
     ]
@@ -582,10 +629,20 @@ def summary(sides: list[Side], steps: int) -> str:
     rows = [["", *names]]
     rows.append(
         [
-            "time to 80% held-out",
-            *(f"{e.seconds:.0f} s (step {e.step})" if e else "not reached" for e in hit),
+            "time to 80% held-out, less evals",
+            *(
+                f"{s.net_seconds(e):.0f} s (step {e.step})" if e else "not reached"
+                for s, e in zip(sides, hit, strict=True)
+            ),
         ]
     )
+    if steps >= HOLD_FROM:
+        rows.append(
+            [
+                f"lowest eval from step {HOLD_FROM}",
+                *(f"{s.lowest_from(HOLD_FROM):.0%}" for s in sides),
+            ]
+        )
     for mark in marks:
         rows.append([f"after {mark} steps: acc / format (s)", *(cell(s.at(mark)) for s in sides)])
     for key, label in PHASES.items():
@@ -601,8 +658,13 @@ def summary(sides: list[Side], steps: int) -> str:
     lines = _table(rows)
     runs = {name: [s for s in sides if s.name == name] for name in ("ours", "trl")}
     if all(len(r) == 1 for r in runs.values()):
-        ours, trl = (runs[n][0].time_to(TARGET) for n in ("ours", "trl"))
-        ratio = f"{ours.seconds / trl.seconds:.2f}x" if ours and trl else "n/a (not reached)"
+        ours_run, trl_run = runs["ours"][0], runs["trl"][0]
+        ours, trl = ours_run.time_to(TARGET), trl_run.time_to(TARGET)
+        ratio = (
+            f"{ours_run.net_seconds(ours) / trl_run.net_seconds(trl):.2f}x"
+            if ours and trl
+            else "n/a (not reached)"
+        )
         width = max(len(r[0]) for r in rows)
         lines.insert(2, f"{'  ours / TRL':<{width}}  {ratio} (target <= 0.5x)")
     elif any(len(r) > 1 for r in runs.values()):
@@ -612,16 +674,17 @@ def summary(sides: list[Side], steps: int) -> str:
 
 def spread_rows(runs: dict[str, list[Side]], marks: Sequence[int]) -> list[list[str]]:
     """Each side over its runs: median time to 80% (a run that never reached it counts as
-    slower than any that did), runs that reached it at step 1, mean accuracy at each mark."""
+    slower than any that did), runs that reached it at step 1, mean accuracy at each mark, and
+    how low the runs fell from step 5 on."""
     names = list(runs)
     medians: dict[str, float] = {}
     rows = [["over runs", *(f"{n} ({len(runs[n])} runs)" for n in names)]]
     cells = []
     for name in names:
-        times = [e.seconds if (e := s.time_to(TARGET)) else math.inf for s in runs[name]]
+        times = [s.net_seconds(e) if (e := s.time_to(TARGET)) else math.inf for s in runs[name]]
         medians[name] = statistics.median(times)
         cells.append(f"{medians[name]:.0f} s" if math.isfinite(medians[name]) else "not reached")
-    rows.append(["median time to 80% held-out", *cells])
+    rows.append(["median time to 80% held-out, less evals", *cells])
     rows.append(
         [
             "runs at 80% after step 1",
@@ -638,6 +701,20 @@ def spread_rows(runs: dict[str, list[Side]], marks: Sequence[int]) -> list[list[
             values = [e.accuracy for s in runs[name] if (e := s.at(mark))]
             means.append(f"{statistics.fmean(values):.1%}" if values else "-")
         rows.append([f"mean accuracy after {mark} steps", *means])
+    if max(marks) >= HOLD_FROM:
+        lowest = {n: [s.lowest_from(HOLD_FROM) for s in runs[n]] for n in names}
+        rows.append(
+            [
+                f"median lowest eval from step {HOLD_FROM}",
+                *(f"{statistics.median(lowest[n]):.0%}" for n in names),
+            ]
+        )
+        rows.append(
+            [
+                f"runs never below {HOLD:.0%} from step {HOLD_FROM}",
+                *(f"{sum(v >= HOLD for v in lowest[n])}/{len(runs[n])}" for n in names),
+            ]
+        )
     if {"ours", "trl"} <= set(medians) and all(math.isfinite(m) for m in medians.values()):
         ratio = medians["ours"] / medians["trl"]
         rows.append(["ours / TRL, medians", f"{ratio:.2f}x (target <= 0.5x)", ""])
@@ -654,7 +731,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     steps, seeds = checked_steps_and_seeds(parser, args)
     if args.trl_child:
-        run_trl_child(args.model, steps, args.trl_lr, args.events, args.trl_out, seeds[0])
+        run_trl_child(
+            args.model, steps, args.trl_lr, args.events, args.trl_out, seeds[0], args.level
+        )
         return
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or set(sides) - {"ours", "trl"} or len(set(sides)) != len(sides):
@@ -662,7 +741,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_vs_trl_")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(
-        f"bench_vs_trl: {steps} steps per side, {' then '.join(sides)}; logs in {work}", flush=True
+        f"bench_vs_trl: arithmetic level {args.level}, {steps} steps per side, "
+        f"{' then '.join(sides)}; logs in {work}",
+        flush=True,
     )
     results = run_sides(sides, steps, seeds, args, work)
     print("\n" + summary(results, steps))
@@ -678,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="2 steps per side (smoke run)")
     parser.add_argument("--sides", default="ours,trl", help="which sides, in this order")
     parser.add_argument("--trl-lr", type=float, default=1e-3, help="TRL's learning rate")
+    parser.add_argument(
+        "--level", type=int, default=LEVEL, help="arithmetic level of the task (1-4), both sides"
+    )
     parser.add_argument(
         "--trl-seed",
         default=str(SEED),
@@ -707,6 +791,8 @@ def checked_steps_and_seeds(
         parser.error(f"--steps {steps} must be >= 1")
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats} must be >= 1")
+    if args.level not in LEVELS:
+        parser.error(f"--level {args.level}: expected one of {sorted(LEVELS)}")
     try:
         seeds = [int(x) for x in args.trl_seed.split(",")]
     except ValueError:
@@ -726,12 +812,12 @@ def run_sides(
         if name == "ours":
             for i in range(args.repeats):
                 tag = "ours" if args.repeats == 1 else f"ours-{i + 1}"
-                results.append(run_ours(steps, work, args.ours, tag))
+                results.append(run_ours(steps, work, args.ours, tag, args.level))
                 print(summary(results[-1:], steps), flush=True)
         else:
             for seed in seeds:
                 tag = "trl" if len(seeds) == 1 else f"trl-s{seed}"
-                results.append(run_trl(steps, args.trl_lr, work, model_path, seed, tag))
+                results.append(run_trl(steps, args.trl_lr, work, model_path, seed, tag, args.level))
                 print(summary(results[-1:], steps), flush=True)
     return results
 

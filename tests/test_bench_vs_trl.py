@@ -46,10 +46,12 @@ def _observations(builders):
     return out
 
 
-def test_trl_gets_rl_train_prompts_in_batch_order(bench, tokenizer):
+@pytest.mark.parametrize("level", [1, 2])
+def test_trl_gets_rl_train_prompts_in_batch_order(bench, tokenizer, level):
     steps = 3
-    train, test = bench.task_prompts(tokenizer, steps)
-    config = parse_config(Config, [f"{k}={v}" for k, v in bench.TASK_KEYS.items()])
+    train, test = bench.task_prompts(tokenizer, steps, level)
+    config = parse_config(Config, [f"{k}={v}" for k, v in bench.task_keys(level).items()])
+    assert config.env_args == f"level={level},num_test=100"
     our_train, our_test = build_datasets(config, ChatRenderer(tokenizer))
     expected_train = _observations(
         [b for step in range(steps) for b in batch_builders(our_train, step)]
@@ -78,14 +80,25 @@ def test_trl_reward_is_the_env_reward(bench, tokenizer):
     assert bench.score(renderer, [*words, end], "10")["reward"] == -1.0
 
 
-def _run(bench, name, label, accuracies, seconds_per_step=10.0):
-    """A side's run with held-out accuracy `accuracies[s]` after step s."""
+def _run(bench, name, label, accuracies, seconds_per_step=10.0, eval_s=0.0):
+    """A side's run with held-out accuracy `accuracies[s]` after step s, each eval taking
+    `eval_s` of the step's seconds."""
     side = bench.Side(name, label)
     side.evals = [
-        bench.Eval(step, acc, 1.0, 20.0 + seconds_per_step * step)
+        bench.Eval(step, acc, 1.0, 20.0 + seconds_per_step * step, eval_s)
         for step, acc in enumerate(accuracies)
     ]
     return side
+
+
+def test_times_leave_out_each_sides_evals(bench):
+    # Ours reaches 80% at step 2 (40 s, 3 evals of 4 s: 28 s net); TRL at step 1
+    # (60 s, 2 evals of 10 s: 40 s net).
+    ours = _run(bench, "ours", "ours", [0.2, 0.7, 0.85], eval_s=4.0)
+    trl = _run(bench, "trl", "trl", [0.2, 0.81, 0.9], seconds_per_step=40.0, eval_s=10.0)
+    assert ours.net_seconds(ours.time_to(0.8)) == pytest.approx(28.0)
+    text = bench.summary([ours, trl], 2)
+    assert "0.70x" in text  # 28 s against 40 s, where wall times would give 40 / 60
 
 
 def test_one_run_per_side_prints_the_ratio(bench):
@@ -109,15 +122,25 @@ def test_repeated_runs_give_each_sides_spread(bench):
     assert header == ["ours-1", "ours-2", "ours-3", "trl-s0", "trl-s1"]  # one column per run
     lines = {line.split("  ")[0]: line for line in text.splitlines()}
     # Medians: ours 40 s (30, 40, never); TRL 80 s (60, 100).
-    assert lines["median time to 80% held-out"].split()[-4:] == ["40", "s", "80", "s"]
+    assert lines["median time to 80% held-out, less evals"].split()[-4:] == ["40", "s", "80", "s"]
     assert lines["runs at 80% after step 1"].split()[-2:] == ["1/3", "1/2"]
     assert lines["mean accuracy after 2 steps"].split()[-2:] == ["83.3%", "92.5%"]
     assert "0.50x" in lines["ours / TRL, medians"]
     assert "ours / TRL  " not in text  # no single-run ratio
 
 
+def test_spreads_show_how_low_runs_fell_from_step_5(bench):
+    steady = [0.2, 0.5, 0.7, 0.8, 0.85, 0.9, 0.92, 0.95]
+    dipping = [0.2, 0.5, 0.7, 0.8, 0.85, 0.9, 0.6, 0.95]
+    runs = [_run(bench, "ours", "ours-1", steady), _run(bench, "ours", "ours-2", dipping)]
+    assert runs[1].lowest_from(5) == 0.6
+    lines = {line.split("  ")[0]: line for line in bench.summary(runs, 7).splitlines()}
+    assert lines["runs never below 88% from step 5"].split()[-1] == "1/2"
+    assert lines["median lowest eval from step 5"].split()[-1] == "75%"
+
+
 def test_bad_seed_lists_and_repeats_are_refused(bench, capsys, tmp_path):
-    bad = [["--trl-seed", "0,x"], ["--trl-seed", "1,1"], ["--repeats", "0"]]
+    bad = [["--trl-seed", "0,x"], ["--trl-seed", "1,1"], ["--repeats", "0"], ["--level", "9"]]
     for args in bad:
         with pytest.raises(SystemExit):
             bench.main([*args, "--sides", "ours", "--work", str(tmp_path / "w")])
