@@ -66,6 +66,7 @@ def test_rl_train_survives_sampler_and_trainer_deaths(ray_local, tiny_model, tmp
         "rank": 4,
         "learning_rate": 1e-2,
         "remove_constant_groups": False,
+        "dynamic_sampling_rounds": 0,  # the same groups on every replay of a step
         "eval_every": 0,
         "save_every": 2,
         "log_samples": 0,

@@ -40,7 +40,7 @@ def batch(*groups: TrajectoryGroup, failed: int = 0, names: str = "builder-") ->
 
 
 def test_the_loop_learning_rate_follows_its_schedule():
-    constant = Config()
+    constant = Config(lr_schedule="constant")
     assert [constant.learning_rate_at(s) for s in (0, 10, 19)] == [1e-3] * 3
     linear = Config(lr_schedule="linear", num_steps=20)
     assert [linear.learning_rate_at(s) for s in (0, 10, 19)] == pytest.approx(
@@ -63,7 +63,7 @@ def test_scale_lr_by_signal_shrinks_a_step_on_few_groups():
     assert scaled.learning_rate_at(0, informative_groups=3) == pytest.approx(0.25e-3)
     assert scaled.learning_rate_at(10, informative_groups=1) == pytest.approx(0.5e-3 / 12)
     assert scaled.learning_rate_at(0, informative_groups=30) == pytest.approx(1e-3)  # <= 1
-    assert Config().learning_rate_at(0, informative_groups=1) == 1e-3  # off by default
+    assert Config().learning_rate_at(0, informative_groups=1) == 1e-3  # off in the preset
 
 
 def test_sft_and_the_rl_loop_share_one_schedule():

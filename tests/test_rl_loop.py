@@ -40,6 +40,7 @@ def tiny_args(tiny_model: str, log_dir: Path, **overrides: object) -> list[str]:
         "rank": 8,
         "learning_rate": 1e-2,
         "remove_constant_groups": False,
+        "dynamic_sampling_rounds": 0,  # every step trains its own groups, no more
         "eval_every": 0,
         "save_every": 0,
         "log_samples": 2,

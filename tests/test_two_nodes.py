@@ -214,6 +214,7 @@ def test_rl_loop_with_trainer_and_samplers_on_two_nodes(two_nodes, tiny_model, t
         "rank": 8,
         "learning_rate": 1e-2,
         "remove_constant_groups": False,
+        "dynamic_sampling_rounds": 0,  # the same groups on every replay of a step
         "eval_every": 0,
         "save_every": 0,
         "sampler.engine": "torch",

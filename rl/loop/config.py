@@ -58,13 +58,13 @@ class Config:
     """most tokens sampled per turn"""
     temperature: float = 1.0
     """sampling temperature of training rollouts"""
-    dynamic_sampling_rounds: int = 0
+    dynamic_sampling_rounds: int = 3
     """DAPO-style dynamic sampling, bounded: while a step's batch holds fewer than
     `dynamic_sampling_min_groups` groups whose rewards differ, sample up to this many extra
     rounds of `groups_per_batch` fresh problems and add their non-constant groups (0 = off).
-    Use it when most groups come back all wrong or all right and steps train on a few; each
-    round costs a sampling pass, and a nearly deterministic policy yields few such groups"""
-    dynamic_sampling_min_groups: int = 6
+    Once most groups come back all right (or all wrong), it keeps a step training on several
+    groups instead of a full-size update on one or two; each round costs a sampling pass"""
+    dynamic_sampling_min_groups: int = 8
     """the non-constant groups a batch should hold before dynamic sampling stops (at most
     `groups_per_batch` count); the batch keeps at most `groups_per_batch` of them"""
     # -- optimisation -----------------------------------------------------------------------
@@ -74,7 +74,7 @@ class Config:
     """LoRA on the output head too, besides the 7 linear modules"""
     learning_rate: float = 1e-3
     """AdamW learning rate (the peak, under a schedule)"""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     """learning rate over the run after warmup: constant, or decaying linearly or by a cosine
     to `min_lr_ratio` x learning_rate at `num_steps` (rl/loop/schedule.py, as rl.loop.sft)"""
     warmup_steps: int = 0
