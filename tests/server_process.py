@@ -25,6 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_command(port: int, home: Path, model: str) -> list[str]:
+    """`python -m rl.server` on loopback `port`, home `home`, serving `model` with the torch
+    sampler and a float32 trainer, one thread each."""
+    return [
+        sys.executable, "-m", "rl.server", "--port", str(port), "--home", str(home),
+        "--models", model, "--sampler.engine", "torch", "--trainer.dtype", "float32",
+        "--trainer.num_threads", "1", "--sampler.num_threads", "1",
+    ]  # fmt: skip
+
+
 @contextlib.contextmanager
 def server_process(model: str, home: Path) -> Iterator[tuple[str, str]]:
     """A server of `model` (torch sampler, float32) with its home at `home`; yields (base url,
@@ -32,16 +42,12 @@ def server_process(model: str, home: Path) -> Iterator[tuple[str, str]]:
     port = free_port()
     log = open(home / "server.log", "w")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
-        [
-            sys.executable, "-m", "rl.server", "--port", str(port), "--home", str(home),
-            "--models", model, "--sampler.engine", "torch", "--trainer.dtype", "float32",
-            "--trainer.num_threads", "1", "--sampler.num_threads", "1",
-        ],
+        server_command(port, home, model),
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "RAY_ADDRESS": ""},
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         key = None

@@ -20,7 +20,6 @@ import os
 import queue
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from typing import Any
 import psutil
 import pytest
 import tinker
+from server_process import ROOT, free_port, server_command
 from tinker import types
 
 from rl.errors import InvalidRequestError
@@ -43,7 +43,6 @@ from rl.server.store import GIB, RunRecord, RunStore
 from samplers.config import SamplerConfig
 from trainers.config import TrainerConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 KIB = 1024
 
@@ -332,12 +331,6 @@ else:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
     process: subprocess.Popen
@@ -351,11 +344,7 @@ def start_server(home: Path, model: str) -> Server:
     log = home / f"server-{port}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [
-                sys.executable, "-m", "rl.server", "--port", str(port), "--home", str(home),
-                "--models", model, "--sampler.engine", "torch", "--trainer.dtype", "float32",
-                "--trainer.num_threads", "1", "--sampler.num_threads", "1",
-            ],
+            server_command(port, home, model),
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,

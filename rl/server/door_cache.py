@@ -98,7 +98,7 @@ class SamplerCache:
 
     def _release(self, dropped: list[_Entry]) -> None:
         for local in {e.target.local for e in dropped if e.target.local is not None}:
-            if local is not None and not self.holds(local) and not self._in_use(local):
+            if not self.holds(local) and not self._in_use(local):
                 self._service.pools.release_checkpoint(local)
 
     def _make(self, target: Target) -> SamplingClient:
