@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 from envs.chat import ChatRenderer
 from envs.problem import Problem
 from rl.client.sampling import SamplingClient
+from rl.errors import InvalidRequestError
 from rl.loop.agents import server_chat_client
 from rl.server import ServerConfig, build_service, start_in_thread
 from rl.server.chat import Finished, parse_tool_calls, render_chat
@@ -350,6 +351,8 @@ def test_a_checkpoint_only_the_door_samples_leaves_the_samplers_when_idle(door, 
     alice.create_sampling_client(model_path=path).result()
     assert state.door_samplers.release_idle(time.time() + 2 * idle_s) >= 1
     assert loaded()
+    with pytest.raises(InvalidRequestError, match="door_idle_s"):
+        ServerConfig(door_idle_s=0)
 
 
 def test_keys_and_refusals(door, tiny_model):
