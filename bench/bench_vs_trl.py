@@ -718,6 +718,36 @@ def spread_rows(runs: dict[str, list[Side]], marks: Sequence[int]) -> list[list[
     if {"ours", "trl"} <= set(medians) and all(math.isfinite(m) for m in medians.values()):
         ratio = medians["ours"] / medians["trl"]
         rows.append(["ours / TRL, medians", f"{ratio:.2f}x (target <= 0.5x)", ""])
+    if {"ours", "trl"} <= set(names):
+        rows += against_trls_final(runs, max(marks))
+    return rows
+
+
+def against_trls_final(runs: dict[str, list[Side]], steps: int) -> list[list[str]]:
+    """Each side's median accuracy after `steps`, ours less TRL's, and the median time each
+    side's runs took to reach TRL's median accuracy after `steps` (less evals; a run that
+    never reached it counts as slower than any that did): the harder level's targets."""
+    finals = {n: [e.accuracy for s in runs[n] if (e := s.at(steps))] for n in ("ours", "trl")}
+    if not all(finals.values()):
+        return []
+    median = {n: statistics.median(v) for n, v in finals.items()}
+    target = median["trl"]
+    times = {}
+    for name in ("ours", "trl"):
+        hits = [s.net_seconds(e) if (e := s.time_to(target)) else math.inf for s in runs[name]]
+        times[name] = statistics.median(hits)
+    gap = 100 * (median["ours"] - median["trl"])
+    rows = [
+        [f"median accuracy after {steps} steps", *(f"{median[n]:.0%}" for n in ("ours", "trl"))],
+        [f"ours - TRL after {steps} steps", f"{gap:+.0f} points (target >= +5)", ""],
+        [
+            f"median time to TRL's {target:.0%}, less evals",
+            *(f"{t:.0f} s" if math.isfinite(t) else "not reached" for t in times.values()),
+        ],
+    ]
+    if all(math.isfinite(t) for t in times.values()) and times["trl"] > 0:
+        ratio = times["ours"] / times["trl"]
+        rows.append(["ours / TRL, to TRL's final", f"{ratio:.2f}x (target <= 0.5x)", ""])
     return rows
 
 
@@ -729,6 +759,9 @@ def _table(rows: list[list[str]]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summary_of(Path(args.summarize)))
+        return
     steps, seeds = checked_steps_and_seeds(parser, args)
     if args.trl_child:
         run_trl_child(
@@ -753,6 +786,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"results: {out}")
 
 
+def summary_of(path: Path) -> str:
+    """The summary of a results file that an earlier invocation wrote (`--out`)."""
+    data = json.loads(path.read_text())
+    sides = []
+    for raw in data["sides"]:
+        side = Side(**{k: v for k, v in raw.items() if k != "evals"})
+        side.evals = [Eval(**e) for e in raw["evals"]]
+        sides.append(side)
+    return summary(sides, data["steps"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per side")
@@ -774,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ours", action="append", default=[], help="extra rl.loop.train key=value")
     parser.add_argument("--work", default="", help="run directory (default: a new temp dir)")
     parser.add_argument("--out", default="bench/results/bench_vs_trl.json", help="JSON results")
+    parser.add_argument("--summarize", metavar="JSON", help="print the summary of a results file")
     # The TRL child (run by the parent in .venv-trl).
     parser.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

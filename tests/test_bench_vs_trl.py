@@ -4,7 +4,9 @@ batch order, the same held-out problems and the same reward (TRL itself is not n
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -137,6 +139,28 @@ def test_spreads_show_how_low_runs_fell_from_step_5(bench):
     lines = {line.split("  ")[0]: line for line in bench.summary(runs, 7).splitlines()}
     assert lines["runs never below 88% from step 5"].split()[-1] == "1/2"
     assert lines["median lowest eval from step 5"].split()[-1] == "75%"
+
+
+def test_spreads_compare_with_trls_final_accuracy(bench, tmp_path):
+    runs = [  # a harder level: accuracy after 3 steps, and when each run reaches TRL's
+        _run(bench, "ours", "ours-1", [0.1, 0.3, 0.35, 0.4]),  # TRL's 30% at 30 s
+        _run(bench, "ours", "ours-2", [0.1, 0.2, 0.3, 0.32]),  # at 40 s
+        _run(bench, "ours", "ours-3", [0.1, 0.2, 0.25, 0.28]),  # never
+        _run(bench, "trl", "trl-s0", [0.1, 0.2, 0.3, 0.3], seconds_per_step=40.0),  # at 100 s
+        _run(bench, "trl", "trl-s1", [0.1, 0.3, 0.25, 0.2], seconds_per_step=40.0),  # at 60 s
+        _run(bench, "trl", "trl-s2", [0.1, 0.2, 0.2, 0.35], seconds_per_step=40.0),  # at 140 s
+    ]
+    text = bench.summary(runs, 3)
+    lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    assert lines["median accuracy after 3 steps"].split()[-2:] == ["32%", "30%"]
+    assert "+2 points" in lines["ours - TRL after 3 steps"]
+    # Medians: ours 40 s (30, 40, never); TRL 100 s (60, 100, 140).
+    assert lines["median time to TRL's 30%, less evals"].split()[-4:] == ["40", "s", "100", "s"]
+    assert "0.40x" in lines["ours / TRL, to TRL's final"]
+    # A results file prints the same summary again.
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"steps": 3, "sides": [dataclasses.asdict(r) for r in runs]}))
+    assert bench.summary_of(out) == text
 
 
 def test_bad_seed_lists_and_repeats_are_refused(bench, capsys, tmp_path):

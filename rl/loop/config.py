@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from rl.errors import InvalidRequestError
+from rl.loop.curriculum import parse_stages
 from rl.loop.run_dir import checkpoint_root
 from rl.loop.schedule import LR_SCHEDULES, lr_multiplier
 from samplers.config import SamplerConfig, vllm_lora_rank
@@ -67,6 +68,14 @@ class Config:
     dynamic_sampling_min_groups: int = 8
     """the non-constant groups a batch should hold before dynamic sampling stops (at most
     `groups_per_batch` count); the batch keeps at most `groups_per_batch` of them"""
+    curriculum: str = ""
+    """harder training problems once the current ones are solved: stages of env_args
+    overrides separated by ';' ('level=2;level=3' for arithmetic). The step after one whose
+    own samples were right `curriculum_advance_at` of the time or more trains on the next
+    stage's problems; held-out evals stay on env_args's test set (rl/loop/curriculum.py).
+    Keeps batches informative without extra sampling passes ('' = off)"""
+    curriculum_advance_at: float = 0.9
+    """the sampled accuracy of a step that moves the next step to the next curriculum stage"""
     # -- optimisation -----------------------------------------------------------------------
     rank: int = 16
     """LoRA rank"""
@@ -220,6 +229,7 @@ class Config:
                 "loss_reduction=sum"
             )
         parse_env_args(self.env_args)
+        self.curriculum_stages()
 
     def _check_schedule_and_sampling(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -240,6 +250,15 @@ class Config:
             raise InvalidRequestError(
                 f"dynamic_sampling_min_groups={self.dynamic_sampling_min_groups} must be >= 1"
             )
+        if not (0 <= self.curriculum_advance_at <= 1):
+            raise InvalidRequestError(
+                f"curriculum_advance_at={self.curriculum_advance_at} must be in [0, 1]"
+            )
+
+    def curriculum_stages(self) -> list[dict[str, Any]]:
+        """The env_args of each curriculum stage after the first: env_args updated by it."""
+        base = parse_env_args(self.env_args)
+        return [base | stage for stage in parse_stages(self.curriculum, parse_env_args)]
 
     def learning_rate_at(self, step: int, informative_groups: int | None = None) -> float:
         """The learning rate of optimizer step `step` (0-based) under the schedule; with

@@ -57,12 +57,15 @@ def top_up(batch: RolloutBatch, extra: RolloutBatch, cap: int) -> int:
 @dataclass
 class DynamicBatch:
     """A step's batch after dynamic sampling: its first `planned` groups are the step's own
-    problems, the rest came from `rounds` extra rounds."""
+    problems, the rest came from `rounds` extra rounds; all from curriculum stage `stage`
+    (rl/loop/curriculum.py), and the step after it samples stage `next_stage`."""
 
     batch: RolloutBatch
     planned: int
     rounds: int = 0
     sampled_groups: int = 0  # every group sampled this step, the extra rounds' constant ones too
+    stage: int = 0
+    next_stage: int = 0
 
     @property
     def planned_groups(self) -> list[TrajectoryGroup]:

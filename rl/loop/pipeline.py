@@ -32,6 +32,7 @@ from rl.client.training import TrainingClient
 from rl.client.weight_sync import PendingSync
 from rl.console import echo, process_age_s, progress_bar, warn
 from rl.loop.config import Config
+from rl.loop.curriculum import next_stage
 from rl.loop.datums import add_kl_penalty, groups_to_datums, scale_advantages
 from rl.loop.dynamic_sampling import (
     DynamicBatch,
@@ -57,7 +58,7 @@ class Run:
     client: TrainingClient
     base_client: SamplingClient | None  # the base model, for the KL penalty
     tokenizer: Any
-    train_data: RLDataset
+    train_stages: list[RLDataset]  # the training data of each curriculum stage, the run's own first
     test_data: RLDataset
     rollout_config: RolloutConfig
     run_dir: Path
@@ -68,6 +69,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)  # per-step metrics
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out accuracy)
     pending: dict[str, float] = field(default_factory=dict)  # logged with the next step
+    stage: int = 0  # the curriculum stage of the step after the last one trained
 
 
 @dataclass
@@ -125,6 +127,7 @@ async def run_pipeline(run: Run, start: int) -> None:
             now = time.perf_counter()
             metrics.update(_step_clock(run, step, start, version, now - last_end, now - t0))
             metrics["data/problem_ids"] = [builder_id(b) for b in batch.batch.builders]
+            metrics["data/batch_index"] = step % len(run.train_stages[batch.stage])
             last_end = now
             await finish_step(run, policy, step, new_client, metrics)
     finally:
@@ -139,28 +142,41 @@ async def run_pipeline(run: Run, start: int) -> None:
 async def produce(
     run: Run, policy: Policy, start: int, ready: asyncio.Queue[tuple[int, DynamicBatch, int, float]]
 ) -> None:
-    """Samples batch after batch, each with weights no older than the staleness bound."""
+    """Samples batch after batch, each with weights no older than the staleness bound, each
+    from the curriculum stage its predecessor's sampled accuracy chose."""
+    stage = run.stage
     for step in range(start, run.config.num_steps):
         client = await policy.fresh_enough(step, run.config.max_steps_off_policy)
         version, began = policy.version, time.perf_counter()
-        batch = await sample_batch(run, step, client)
+        batch = await sample_batch(run, step, client, stage)
+        stage = batch.next_stage
         await ready.put((step, batch, version, time.perf_counter() - began))
 
 
-async def sample_batch(run: Run, step: int, client: SamplingClient) -> DynamicBatch:
-    """Step `step`'s groups, topped up by at most `dynamic_sampling_rounds` extra rounds while
-    fewer than `dynamic_sampling_min_groups` of them have rewards that differ
-    (rl/loop/dynamic_sampling.py)."""
-    config = run.config
-    batch = await run_batch(batch_builders(run.train_data, step), client, run.rollout_config)
-    sampled = DynamicBatch(batch, planned=len(batch.groups), sampled_groups=len(batch.groups))
+async def sample_batch(run: Run, step: int, client: SamplingClient, stage: int = 0) -> DynamicBatch:
+    """Step `step`'s groups from curriculum stage `stage`, topped up by at most
+    `dynamic_sampling_rounds` extra rounds while fewer than `dynamic_sampling_min_groups` of
+    them have rewards that differ (rl/loop/dynamic_sampling.py); with the next step's stage
+    (rl/loop/curriculum.py)."""
+    config, data = run.config, run.train_stages[stage]
+    batch = await run_batch(batch_builders(data, step), client, run.rollout_config)
+    sampled = DynamicBatch(
+        batch, planned=len(batch.groups), sampled_groups=len(batch.groups), stage=stage
+    )
     rounds, cap = config.dynamic_sampling_rounds, config.groups_per_batch
     while sampled.rounds < rounds and needs_more(batch, config.dynamic_sampling_min_groups, cap):
-        index = extra_batch_index(step, sampled.rounds, rounds, len(run.train_data))
-        extra = await run_batch(run.train_data.get_batch(index), client, run.rollout_config)
+        index = extra_batch_index(step, sampled.rounds, rounds, len(data))
+        extra = await run_batch(data.get_batch(index), client, run.rollout_config)
         top_up(batch, extra, cap)
         sampled.rounds += 1
         sampled.sampled_groups += len(extra.groups)
+    planned = sampled.planned_groups
+    sampled.next_stage = next_stage(
+        stage,
+        len(run.train_stages),
+        accuracy(planned) if planned else None,
+        config.curriculum_advance_at,
+    )
     return sampled
 
 
@@ -223,6 +239,14 @@ async def train_step(run: Run, step: int, sampled: DynamicBatch, sample_s: float
     metrics["train/informative_groups"] = float(count_informative(batch.groups))
     if config.dynamic_sampling_rounds:
         metrics.update(sampled.metrics())
+    if config.curriculum:
+        metrics["curriculum/stage"] = float(sampled.stage)
+        if sampled.next_stage != sampled.stage:
+            echo(
+                f"step {step + 1}: sampled accuracy {metrics.get('env/accuracy', 0):.0%}; the "
+                f"next steps train on curriculum stage {sampled.next_stage}"
+            )
+    run.stage = sampled.next_stage
     for message in batch.errors:
         warn(f"step {step + 1}: dropped a rollout: {message}")
     began = time.perf_counter()
@@ -324,7 +348,7 @@ async def sync(run: Run) -> SamplingClient:
 
 def save(run: Run, step: int) -> CheckpointRecord:
     """The state after `step` steps on disk, and its record (with the loop's RNG as of now)."""
-    loop_state = {"rng": rng_state_to_json(run.rng), "step": step}
+    loop_state = {"rng": rng_state_to_json(run.rng), "step": step, "curriculum_stage": run.stage}
     return save_state(run.client, f"step{step:06d}", step, loop_state)
 
 
@@ -351,7 +375,6 @@ def _step_clock(
         "time/total_s": total_s,
         "async/staleness": float(step - version),
         "progress/step": float(step),
-        "data/batch_index": step % len(run.train_data),
     }
     if step == start:
         metrics.update(run.startup)

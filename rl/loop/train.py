@@ -72,15 +72,17 @@ def service_for(config: Config) -> ServiceClient:
 # -- datasets ------------------------------------------------------------------------------
 
 
-def build_datasets(config: Config, renderer: ChatRenderer) -> tuple[RLDataset, RLDataset]:
-    """The (train, test) datasets the config names."""
+def build_datasets(
+    config: Config, renderer: ChatRenderer, env_args: dict[str, Any] | None = None
+) -> tuple[RLDataset, RLDataset]:
+    """The (train, test) datasets the config names (with `env_args` instead of the config's)."""
     target = BUILTIN_ENVS.get(config.env, config.env)
     module_name, _, attr = target.partition(":")
     try:
         fn: Callable[..., Any] = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise InvalidRequestError(f"env={config.env!r}: cannot load {target!r}: {e}") from None
-    kwargs = parse_env_args(config.env_args)
+    kwargs = parse_env_args(config.env_args) if env_args is None else env_args
     try:
         datasets = fn(
             renderer,
@@ -136,7 +138,7 @@ def setup(config: Config, service: ServiceClient | None) -> tuple[Run, int]:
         own_service = service is None
         service = service or service_for(config)
         startup["startup/ray_s"] = process_age_s()
-        tokenizer, train_data, test_data = loading.result()
+        tokenizer, train_stages, test_data = loading.result()
         record = start_run(
             run_dir,
             flat_dict(config),
@@ -164,7 +166,7 @@ def setup(config: Config, service: ServiceClient | None) -> tuple[Run, int]:
             else None
         ),
         tokenizer=tokenizer,
-        train_data=train_data,
+        train_stages=train_stages,
         test_data=test_data,
         rollout_config=rollout_config(config, client.get_info().model_data.max_context_length),
         run_dir=run_dir,
@@ -172,6 +174,7 @@ def setup(config: Config, service: ServiceClient | None) -> tuple[Run, int]:
         logger=metrics_logger(config, start),
         sync_mode=sync_mode,
         startup=startup,
+        stage=_saved_stage(record, len(train_stages)),
     )
     return state, start
 
@@ -228,6 +231,7 @@ def back_to_last_checkpoint(state: Run, error: TrainerRestartedError) -> int:
         state.rng, start = random.Random(state.config.seed), 0
     else:
         state.rng, start = rng_from_json(record.loop_state["rng"]), record.step
+    state.stage = _saved_stage(record, len(state.train_stages))
     state.history = [h for h in state.history if h["step"] < start]
     state.evals = [(step, accuracy) for step, accuracy in state.evals if step < start]
     state.logger.close()
@@ -235,11 +239,25 @@ def back_to_last_checkpoint(state: Run, error: TrainerRestartedError) -> int:
     return start
 
 
-def _load_task(config: Config, model_dir: str) -> tuple[Any, RLDataset, RLDataset]:
-    """The tokenizer and the train and test datasets (which checks the env)."""
+def _saved_stage(record: CheckpointRecord | None, num_stages: int) -> int:
+    """The curriculum stage a resumed run goes on at (0 for a new run)."""
+    stage = 0 if record is None else int(record.loop_state.get("curriculum_stage", 0))
+    if not 0 <= stage < num_stages:
+        raise InvalidRequestError(
+            f"the checkpoint's curriculum stage {stage} is not one of this run's {num_stages}"
+            " stages: resume with the curriculum the run began with"
+        )
+    return stage
+
+
+def _load_task(config: Config, model_dir: str) -> tuple[Any, list[RLDataset], RLDataset]:
+    """The tokenizer, the training datasets of each curriculum stage (the first is the run's
+    own) and the test dataset (which checks the env)."""
     tokenizer = load_tokenizer(model_dir)
-    train_data, test_data = build_datasets(config, ChatRenderer(tokenizer))
-    return tokenizer, train_data, test_data
+    renderer = ChatRenderer(tokenizer)
+    train_data, test_data = build_datasets(config, renderer)
+    harder = [build_datasets(config, renderer, args)[0] for args in config.curriculum_stages()]
+    return tokenizer, [train_data, *harder], test_data
 
 
 def main(argv: Sequence[str] | None = None, service: ServiceClient | None = None) -> Run:
