@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from rl.errors import InvalidRequestError
-from rl.loop.curriculum import parse_stages
 from rl.loop.run_dir import checkpoint_root
 from rl.loop.schedule import LR_SCHEDULES, lr_multiplier
 from samplers.config import SamplerConfig, vllm_lora_rank
@@ -258,7 +257,17 @@ class Config:
     def curriculum_stages(self) -> list[dict[str, Any]]:
         """The env_args of each curriculum stage after the first: env_args updated by it."""
         base = parse_env_args(self.env_args)
-        return [base | stage for stage in parse_stages(self.curriculum, parse_env_args)]
+        if not self.curriculum.strip():
+            return []
+        stages = []
+        for i, part in enumerate(self.curriculum.split(";")):
+            stage = parse_env_args(part)
+            if not stage:
+                raise InvalidRequestError(
+                    f"curriculum stage {i + 1} of {self.curriculum!r} is empty"
+                )
+            stages.append(base | stage)
+        return stages
 
     def learning_rate_at(self, step: int, informative_groups: int | None = None) -> float:
         """The learning rate of optimizer step `step` (0-based) under the schedule; with

@@ -16,24 +16,6 @@ and a resumed run goes on from it.
 
 from __future__ import annotations
 
-from typing import Any
-
-from rl.errors import InvalidRequestError
-
-
-def parse_stages(text: str, parse_args: Any) -> list[dict[str, Any]]:
-    """'level=2;level=3' -> [{'level': 2}, {'level': 3}]; each stage parsed by `parse_args`
-    (the env_args parser); an empty stage is refused."""
-    if not text.strip():
-        return []
-    stages = []
-    for i, part in enumerate(text.split(";")):
-        stage = parse_args(part)
-        if not stage:
-            raise InvalidRequestError(f"curriculum stage {i + 1} of {text!r} is empty")
-        stages.append(stage)
-    return stages
-
 
 def next_stage(stage: int, num_stages: int, accuracy: float | None, advance_at: float) -> int:
     """The stage of the step after one at `stage` whose own samples were right `accuracy` of
