@@ -10,6 +10,7 @@ import pytest
 from envs.base import EnvError, StepResult, Trajectory, TrajectoryGroup, Transition
 from rl.errors import InvalidRequestError
 from rl.loop.datums import (
+    add_entropy_bonus,
     compute_advantages,
     groups_to_datums,
     remove_constant_reward_groups,
@@ -221,3 +222,29 @@ def test_scaled_advantages_give_the_token_mean_of_the_linear_losses():
     for bad in (0.0, -1.0, math.nan, math.inf):
         with pytest.raises(InvalidRequestError, match="factor"):
             scale_advantages(datums, bad)
+
+
+def test_entropy_bonus_is_the_entropys_gradient_in_expectation():
+    """add_entropy_bonus shifts only sampled tokens' advantages, by coef x (surprisal - the
+    batch's mean); weighting one datum per outcome of a categorical policy by its probability,
+    the importance-sampling gradient of the shifted advantages is coef x grad H exactly."""
+    import torch
+
+    logits = torch.tensor([1.5, 0.2, -0.7, -2.0], dtype=torch.float64, requires_grad=True)
+    logp = torch.log_softmax(logits, -1)
+    trajectories = [Trajectory([_turn([7, 8], [x], [logp[x].item()])]) for x in range(4)]
+    datums = groups_to_datums([TrajectoryGroup(trajectories, [0.0] * 4, [{}] * 4)])
+    coef = 0.2
+    add_entropy_bonus(datums, coef)
+    surprisal = [-logp[x].item() for x in range(4)]
+    mean = sum(surprisal) / 4
+    for x, datum in enumerate(datums):
+        advantages = _inputs(datum)["advantages"]
+        assert advantages[0] == 0.0  # a prompt position
+        assert advantages[1] == pytest.approx(coef * (surprisal[x] - mean))
+    shifted = torch.tensor([_inputs(d)["advantages"][1] for d in datums], dtype=torch.float64)
+    weighted = (logp.exp().detach() * shifted * logp).sum()
+    (grad,) = torch.autograd.grad(weighted, logits, retain_graph=True)
+    entropy = -(logp.exp() * logp).sum()
+    (entropy_grad,) = torch.autograd.grad(entropy, logits)
+    torch.testing.assert_close(grad, coef * entropy_grad)

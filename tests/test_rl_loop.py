@@ -185,6 +185,7 @@ def test_custom_env_example_runs(torch_service, tiny_model, tmp_path, monkeypatc
         (["loss_fn=stable_reinforce"], "stable_reinforce has a KL term: use loss_reduction=sum"),
         (["env_args=level"], "env_args item 'level' is not key=value"),
         (["temperature=-1"], "temperature=-1.0 must be"),
+        (["entropy_coef=nan"], "entropy_coef=nan must be a finite number >= 0"),
     ],
 )
 def test_bad_config_is_a_clear_error(argv, message):

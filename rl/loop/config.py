@@ -72,7 +72,8 @@ class Config:
     overrides separated by ';' ('level=2;level=3' for arithmetic). The step after one whose
     own samples were right `curriculum_advance_at` of the time or more trains on the next
     stage's problems; held-out evals stay on env_args's test set (rl/loop/curriculum.py).
-    Keeps batches informative without extra sampling passes ('' = off)"""
+    Keeps batches informative without extra sampling passes, but held-out accuracy on an easier
+    first stage can fall after a move (docs/rl-loop.md) ('' = off)"""
     curriculum_advance_at: float = 0.9
     """the sampled accuracy of a step that moves the next step to the next curriculum stage"""
     # -- optimisation -----------------------------------------------------------------------
@@ -121,6 +122,10 @@ class Config:
     """skip groups whose rewards are all equal"""
     kl_penalty_coef: float = 0.0
     """KL penalty to the base model in the advantages (0 = off)"""
+    entropy_coef: float = 0.0
+    """entropy bonus in the advantages: each sampled token's advantage moves by this times
+    its surprisal less the batch's mean (rl/loop/datums.py `add_entropy_bonus`), which slows
+    the policy's entropy collapse (0 = off)"""
     max_steps_off_policy: int = 0
     """0: on-policy. k > 0: sample up to k steps ahead while training (off-policy)"""
     # -- eval, logging, checkpoints --------------------------------------------------------
@@ -202,9 +207,9 @@ class Config:
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name}={getattr(self, name)} must be >= 1")
         non_negative = (
-            "temperature", "eval_temperature", "kl_penalty_coef", "max_steps_off_policy",
-            "eval_every", "save_every", "log_samples", "max_retries", "rollout_timeout_s",
-            "grad_clip_norm",
+            "temperature", "eval_temperature", "kl_penalty_coef", "entropy_coef",
+            "max_steps_off_policy", "eval_every", "save_every", "log_samples", "max_retries",
+            "rollout_timeout_s", "grad_clip_norm",
         )  # fmt: skip
         for name in non_negative:
             value = getattr(self, name)

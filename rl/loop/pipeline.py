@@ -33,7 +33,12 @@ from rl.client.weight_sync import PendingSync
 from rl.console import echo, process_age_s, progress_bar, warn
 from rl.loop.config import Config
 from rl.loop.curriculum import next_stage
-from rl.loop.datums import add_kl_penalty, groups_to_datums, scale_advantages
+from rl.loop.datums import (
+    add_entropy_bonus,
+    add_kl_penalty,
+    groups_to_datums,
+    scale_advantages,
+)
 from rl.loop.dynamic_sampling import (
     DynamicBatch,
     count_informative,
@@ -294,6 +299,8 @@ async def score(run: Run, batch: RolloutBatch, metrics: dict[str, Any]) -> list[
     )
     if datums and run.base_client is not None:
         metrics.update(await add_kl_penalty(datums, run.base_client, config.kl_penalty_coef))
+    if datums and config.entropy_coef > 0:
+        add_entropy_bonus(datums, config.entropy_coef)
     sampled = sum(
         len(t.action_tokens) for g in batch.groups for tr in g.trajectories for t in tr.transitions
     )
