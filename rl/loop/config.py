@@ -261,9 +261,9 @@ class Config:
 
     def curriculum_stages(self) -> list[dict[str, Any]]:
         """The env_args of each curriculum stage after the first: env_args updated by it."""
-        base = parse_env_args(self.env_args)
         if not self.curriculum.strip():
             return []
+        base = parse_env_args(self.env_args)
         stages = []
         for i, part in enumerate(self.curriculum.split(";")):
             stage = parse_env_args(part)

@@ -216,7 +216,7 @@ async def add_kl_penalty(
         diffs_D.append(
             [q - r if w > 0 else 0.0 for q, r, w in zip(sampler, reference, weights, strict=True)]
         )
-    return {"kl/sampler_base": _penalise(datums, diffs_D, coef)}
+    return {"kl/sampler_base": _shift_from_mean(datums, diffs_D, coef)}
 
 
 def add_entropy_bonus(datums: list[Datum], coef: float) -> None:
@@ -236,15 +236,16 @@ def add_entropy_bonus(datums: list[Datum], coef: float) -> None:
         ]
         for d in datums
     ]
-    _penalise(datums, surprisal_D, -coef)
+    _shift_from_mean(datums, surprisal_D, -coef)
 
 
 def _floats(datum: Datum, key: str) -> list[float]:
     return [float(v) for v in datum.loss_fn_inputs[key].tolist()]
 
 
-def _penalise(datums: list[Datum], values_D: list[list[float]], coef: float) -> float:
-    """advantages += coef * (mean - value) on sampled tokens, in place; returns the mean."""
+def _shift_from_mean(datums: list[Datum], values_D: list[list[float]], coef: float) -> float:
+    """advantages += coef * (mean - value) on sampled tokens, in place (the mean over every
+    sampled token of the batch); returns the mean."""
     counted = sum(float(w > 0) for d in datums for w in _floats(d, "weights"))
     mean = sum(sum(values) for values in values_D) / max(counted, 1.0)
     for datum, values in zip(datums, values_D, strict=True):

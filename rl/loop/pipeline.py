@@ -175,13 +175,15 @@ async def sample_batch(run: Run, step: int, client: SamplingClient, stage: int =
         top_up(batch, extra, cap)
         sampled.rounds += 1
         sampled.sampled_groups += len(extra.groups)
-    planned = sampled.planned_groups
-    sampled.next_stage = next_stage(
-        stage,
-        len(run.train_stages),
-        accuracy(planned) if planned else None,
-        config.curriculum_advance_at,
-    )
+    sampled.next_stage = stage
+    if len(run.train_stages) > 1:  # a curriculum: the step's own groups' accuracy decides
+        planned = sampled.planned_groups
+        sampled.next_stage = next_stage(
+            stage,
+            len(run.train_stages),
+            accuracy(planned) if planned else None,
+            config.curriculum_advance_at,
+        )
     return sampled
 
 
