@@ -35,6 +35,16 @@ def default_dtype(on_gpu: bool) -> str:
     return "bfloat16" if on_gpu else "float32"
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this machine's CPU has AMX's bfloat16 tiles (Linux's /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def cache_dir() -> Path:
     """Root for converted models and default checkpoints: $ENGINEROOM_HOME or ~/.cache/engineroom."""
     return Path(os.environ.get("ENGINEROOM_HOME", Path.home() / ".cache" / "engineroom"))

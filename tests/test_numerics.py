@@ -24,6 +24,22 @@ def test_default_dtypes_agree_on_each_device():
     assert SamplerConfig(dtype="float32").resolved_dtype(True) == "float32"
 
 
+def test_the_fast_sampler_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
+    """dtype "fast" (the RL loop's preset): bfloat16 on a GPU and for vLLM on a CPU with AMX;
+    float32 on other CPUs and for the torch engine on any CPU."""
+    import rl.models
+
+    for amx in (True, False):
+        monkeypatch.setattr(rl.models, "cpu_has_amx", lambda amx=amx: amx)
+        assert SamplerConfig(dtype="fast").resolved_dtype(True) == "bfloat16"
+        cpu = SamplerConfig(dtype="fast").resolved_dtype(False)
+        assert cpu == ("bfloat16" if amx else "float32")
+        assert SamplerConfig(dtype="fast", engine="vllm").resolved_dtype(False) == cpu
+        assert SamplerConfig(dtype="fast", engine="torch").resolved_dtype(False) == "float32"
+    with pytest.raises(Exception, match="dtype"):
+        SamplerConfig(dtype="fastest")
+
+
 def test_rl_steps_log_the_sync_gap_and_defaults_agree(ray_local, tiny_model, tmp_path, monkeypatch):
     """Default dtypes on both sides (fp32 on CPU): the gap is float32 noise, not bf16's."""
     from rl import ServiceClient
