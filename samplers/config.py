@@ -73,8 +73,8 @@ class SamplerConfig:
     """Engine weights dtype: "auto", "fast", "float32", "bfloat16" or "float16". "auto":
     float32 on CPU, bfloat16 on GPU, as the trainer's "auto" (rl.models.default_dtype), so
     sampler and trainer logprobs agree by default. "fast": bfloat16 wherever the sampler's
-    device computes it natively (a GPU, or vLLM on a CPU with AMX, where it samples about
-    twice as fast as float32), float32 elsewhere; decided on the sampler's own node. The
+    device computes it natively (a GPU, or vLLM on a CPU with AMX, where it samples 1.2-2x
+    as fast as float32), float32 elsewhere; decided on the sampler's own node. The
     losses correct the sampler/trainer gap through the sampler's logprobs, and the sync check
     then holds them to the low-precision tolerance."""
 
