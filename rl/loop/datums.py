@@ -246,10 +246,10 @@ def _floats(datum: Datum, key: str) -> list[float]:
 def _shift_from_mean(datums: list[Datum], values_D: list[list[float]], coef: float) -> float:
     """advantages += coef * (mean - value) on sampled tokens, in place (the mean over every
     sampled token of the batch); returns the mean."""
-    counted = sum(float(w > 0) for d in datums for w in _floats(d, "weights"))
+    weights_D = [_floats(d, "weights") for d in datums]
+    counted = sum(float(w > 0) for weights in weights_D for w in weights)
     mean = sum(sum(values) for values in values_D) / max(counted, 1.0)
-    for datum, values in zip(datums, values_D, strict=True):
-        weights = _floats(datum, "weights")
+    for datum, values, weights in zip(datums, values_D, weights_D, strict=True):
         advantages = _floats(datum, "advantages")
         datum.loss_fn_inputs["advantages"] = to_tensor_data(
             [
